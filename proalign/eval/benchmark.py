@@ -1,0 +1,53 @@
+"""Per-language retrieval over image-text shards for several text encoders."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..data.shards import caption_items, expand_shards, load_image_text
+from .retrieval import retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+
+def languages_present(metas: dict) -> list[str]:
+    counts = Counter(lang for meta in metas.values() for lang in meta["captions"])
+    return sorted(counts)
+
+
+@torch.no_grad()
+def evaluate_retrieval(image_encoder: Callable[[torch.Tensor], torch.Tensor],
+                       text_encoders: dict[str, Callable[[list[str]], torch.Tensor]],
+                       shards, preprocess, languages: Optional[Sequence[str]] = None,
+                       max_samples: Optional[int] = None, dataset: str = "") -> list[dict]:
+    """One row per (encoder, language): recall@1/5/10 both ways over images captioned in that language."""
+    skips: Counter = Counter()
+    images, keys, metas = load_image_text(expand_shards(shards), preprocess, max_samples=max_samples, skips=skips)
+    if skips:
+        log.warning("eval %s: skipped %s", dataset, dict(skips))
+    if not keys:
+        raise ValueError(f"eval {dataset}: no readable samples in {shards}")
+    image_emb = torch.cat([image_encoder(images[i:i + 256]) for i in range(0, len(images), 256)]).cpu()
+    langs = list(languages) if languages else languages_present(metas)
+    rows = []
+    for lang in langs:
+        texts, owner = [], []
+        for idx, key in enumerate(keys):
+            for _, text in caption_items(metas[key], key, [lang]):
+                texts.append(text)
+                owner.append(idx)
+        if not texts:
+            log.warning("eval %s: no %s captions, language skipped", dataset, lang)
+            continue
+        used = sorted(set(owner))
+        remap = {old: new for new, old in enumerate(used)}
+        target = torch.tensor([remap[o] for o in owner])
+        for name, encode in text_encoders.items():
+            text_emb = encode(texts).cpu()
+            metrics = retrieval_metrics(image_emb[used], text_emb, target)
+            rows.append({"dataset": dataset, "model": name, "language": lang, "images": len(used),
+                         "captions": len(texts), **metrics})
+    return rows

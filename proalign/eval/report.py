@@ -1,0 +1,49 @@
+"""results.md tables and per-language bar plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pivot_by_language(rows: Sequence[dict], metric: str) -> tuple[list[str], list[str], dict]:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    langs = list(dict.fromkeys(r["language"] for r in rows))
+    table = {(r["model"], r["language"]): r[metric] for r in rows}
+    return models, langs, table
+
+
+def language_table(rows: Sequence[dict], metric: str = "t2i_R@1") -> str:
+    models, langs, table = pivot_by_language(rows, metric)
+    out = [dict(language=lang, **{m: table.get((m, lang), float("nan")) for m in models}) for lang in langs]
+    mean = {m: sum(table[(m, lang)] for lang in langs if (m, lang) in table) /
+            max(1, sum((m, lang) in table for lang in langs)) for m in models}
+    out.append({"language": "**mean**", **mean})
+    return markdown_table(out, ["language", *models])
+
+
+def plot_languages(rows: Sequence[dict], path: str | Path, metric: str = "t2i_R@1", title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models, langs, table = pivot_by_language(rows, metric)
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(langs) * max(1, len(models)) / 1.5), 4))
+    for i, model in enumerate(models):
+        xs = [j + i * width for j in range(len(langs))]
+        ax.bar(xs, [table.get((model, lang), 0.0) for lang in langs], width, label=model)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(langs))])
+    ax.set_xticklabels(langs, rotation=60, fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,127 @@
+"""Atomic safetensors checkpoints. Nothing here unpickles: tensors go to safetensors, the
+rest (step, scheduler, RNG of python/numpy, data position) to JSON."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # safetensors refuses shared storage: clone into contiguous, owned tensors.
+    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    save_file(owned, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_module_weights(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True):
+    """Load `prefix`-ed entries of a proalign safetensors file into `module`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: proalign loads .safetensors only (no pickles)")
+    state = load_file(str(path))
+    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        raise KeyError(f"{path}: no tensors under prefix {prefix!r}")
+    missing, unexpected = module.load_state_dict(picked, strict=False)
+    if strict and (missing or unexpected):
+        raise KeyError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return module
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            key = f"{idx}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value
+            else:
+                scalars[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class CheckpointManager:
+    """`<run>/checkpoints/step-XXXXXXX/{model,optimizer,rng}.safetensors + state.json`, plus `latest`."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / "state.json").exists():
+            raise FileNotFoundError(f"{pointer} names {path}, which is incomplete")
+        return path
+
+    def save(self, step: int, model_tensors: dict, optimizer: torch.optim.Optimizer | None, state: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:07d}"
+        tmp = self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_tensors(model_tensors, tmp / "model.safetensors")
+        if optimizer is not None:
+            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+            save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+            state = {**state, "optimizer": opt_meta}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_tensors(rng, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1, default=str))
+        final = self.root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(self.root / "latest", name)
+        self._prune(final)
+        return final
+
+    def _prune(self, current: Path) -> None:
+        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        for old in done[:-self.keep]:
+            if old != current:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def load(path: Path, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+        """Return (model tensors, state); restores optimizer and RNG in place."""
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "model.safetensors"))
+        if optimizer is not None and (path / "optimizer.safetensors").exists():
+            opt_tensors = load_file(str(path / "optimizer.safetensors"))
+            optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+        rng = load_file(str(path / "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        return tensors, state

@@ -1,0 +1,185 @@
+"""Stage tasks run by the engine: teacher pre-training, stage 1 (distill), stage 2 (align)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import RunConfig
+from .data.shards import Batcher, ImageTextStream
+from .ema import EMATeacher
+from .engine import StageTask
+from .losses import distillation_loss, infonce_loss, self_distillation_loss
+from .models.proclip import ProCLIP
+
+log = logging.getLogger(__name__)
+
+
+class _StreamMixin:
+    """Image-text stream with a resumable position (samples consumed on this rank)."""
+
+    def _init_stream(self, cfg: RunConfig, preprocess, batch_size: int, languages):
+        self._stream = ImageTextStream(cfg.data.train_shards, preprocess, languages, seed=cfg.seed)
+        self._batch_size, self._workers = batch_size, cfg.data.num_workers
+        self._start_sample = 0
+        self._batcher: Optional[Batcher] = None
+
+    def _next_stream_batch(self) -> dict:
+        if self._batcher is None:
+            self._batcher = Batcher(self._stream, self._batch_size, self._workers, self._start_sample)
+        return self._batcher.next_batch()
+
+    def data_state(self) -> dict:
+        return {"samples_consumed": self._batcher.consumed if self._batcher else self._start_sample}
+
+    def load_data_state(self, state: dict) -> None:
+        self._start_sample = int(state.get("samples_consumed", 0))
+        self._batcher = None
+
+    def skip_counts(self) -> dict:
+        return dict(self._batcher.skips) if self._batcher else {}
+
+
+class TeacherTask(_StreamMixin, StageTask):
+    """Contrastive pre-training of a whole open_clip model (the demo's English CLIP)."""
+
+    name = "teacher"
+
+    def __init__(self, model: ProCLIP, cfg: RunConfig):
+        super().__init__()
+        self.clip = model.clip
+        self.tokenizer = model.clip_tokenizer
+        self._init_stream(cfg, model.preprocess_train, cfg.teacher.train.batch_size, cfg.data.train_languages)
+
+    def next_batch(self) -> dict:
+        batch = self._next_stream_batch()
+        batch["tokens"] = self.tokenizer(batch["text"])
+        return batch
+
+    def forward(self, batch: dict):
+        device = self.clip.logit_scale.device
+        image = self.clip.encode_image(batch["image"].to(device))
+        text = self.clip.encode_text(batch["tokens"].to(device))
+        loss = infonce_loss(image, text, self.clip.logit_scale.exp())
+        return loss, {"logit_scale": self.clip.logit_scale.exp().detach()}
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, math.log(100))
+
+
+class Stage1Task(StageTask):
+    """Distil the CLIP text teacher into adapter(LLM(text)), from cached features."""
+
+    name = "stage1"
+
+    def __init__(self, adapter: nn.Module, llm_feats: torch.Tensor, teacher_feats: torch.Tensor, cfg: RunConfig):
+        super().__init__()
+        if len(llm_feats) != len(teacher_feats) or len(llm_feats) == 0:
+            raise ValueError(f"stage1: need matching, non-empty features (got {len(llm_feats)} LLM rows, "
+                             f"{len(teacher_feats)} teacher rows)")
+        self.adapter = adapter
+        self.register_buffer("llm_feats", llm_feats.float(), persistent=False)
+        self.register_buffer("teacher_feats", teacher_feats.float(), persistent=False)
+        self.s1 = cfg.stage1
+        self.batch_size = min(cfg.stage1.train.batch_size, len(llm_feats))
+        self.seed = cfg.seed
+        self.position = 0  # rows consumed since the start of training
+
+    def next_batch(self) -> dict:
+        n = len(self.llm_feats)
+        epoch, offset = divmod(self.position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        idx = perm[offset:offset + self.batch_size]
+        if len(idx) < self.batch_size:  # wrap into the next epoch's order
+            nxt = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch + 1))
+            idx = torch.cat([idx, nxt[:self.batch_size - len(idx)]])
+        self.position += self.batch_size
+        return {"index": idx}
+
+    def forward(self, batch: dict):
+        idx = batch["index"].to(self.llm_feats.device)
+        student = self.adapter(self.llm_feats[idx])
+        loss, parts = distillation_loss(student, self.teacher_feats[idx], self.s1.w_instance,
+                                        self.s1.w_structure, self.s1.reduction)
+        return loss, parts
+
+    def data_state(self) -> dict:
+        return {"position": self.position}
+
+    def load_data_state(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+
+
+class Stage2Task(_StreamMixin, StageTask):
+    """Image tower + adapter with symmetric InfoNCE and EMA self-distillation."""
+
+    name = "stage2"
+
+    def __init__(self, model: ProCLIP, cfg: RunConfig, text_cache: Optional[dict[str, torch.Tensor]] = None):
+        super().__init__()
+        s2 = cfg.stage2
+        self.visual = model.clip.visual
+        self.adapter = model.adapter
+        self.ema = EMATeacher(self.visual, s2.ema_momentum)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(s2.init_logit_scale)))
+        self.max_log_scale = math.log(s2.max_logit_scale)
+        self.lambda_sd, self.reduction = s2.lambda_sd, s2.reduction
+        self.embedder = model.embedder
+        self.text_cache = text_cache or {}
+        self.cache_misses = 0
+        self._init_stream(cfg, model.preprocess_train, s2.train.batch_size, cfg.data.train_languages)
+
+    def _llm_features(self, ids, texts) -> torch.Tensor:
+        rows = [self.text_cache.get(i) for i in ids]
+        missing = [k for k, r in enumerate(rows) if r is None]
+        if missing:
+            if self.embedder is None:
+                raise KeyError(f"stage2: caption {ids[missing[0]]} is not in the embedding cache")
+            self.cache_misses += len(missing)
+            fresh = self.embedder.encode([texts[k] for k in missing])
+            for k, row in zip(missing, fresh):
+                rows[k] = row
+        return torch.stack(rows)
+
+    def next_batch(self) -> dict:
+        batch = self._next_stream_batch()
+        batch["llm"] = self._llm_features(batch["caption_id"], batch["text"])
+        return batch
+
+    def forward(self, batch: dict):
+        device = self.log_scale.device
+        images = batch["image"].to(device)
+        image = self.visual(images)
+        text = self.adapter(batch["llm"].to(device))
+        contrastive = infonce_loss(image, text, self.log_scale.exp())
+        with torch.no_grad():
+            ema_image = self.ema(images)
+        sd, parts = self_distillation_loss(image, ema_image, self.reduction)
+        loss = contrastive + self.lambda_sd * sd
+        return loss, {"loss_clip": contrastive.detach(), **parts, "logit_scale": self.log_scale.exp().detach()}
+
+    def after_step(self) -> None:
+        self.ema.update(self.visual)
+        with torch.no_grad():
+            self.log_scale.clamp_(max=self.max_log_scale)
+
+    def export_logit_scale(self, clip: nn.Module) -> None:
+        with torch.no_grad():
+            clip.logit_scale.copy_(self.log_scale.detach().to(clip.logit_scale.device))
+
+
+@torch.no_grad()
+def heldout_cosine(adapter: nn.Module, llm_feats: torch.Tensor, teacher_feats: torch.Tensor) -> float:
+    """Mean cosine between distilled text embeddings and the teacher's."""
+    if len(llm_feats) == 0:
+        return float("nan")
+    was = adapter.training
+    adapter.eval()
+    student = adapter(llm_feats.to(next(adapter.parameters()).device)).cpu()
+    adapter.train(was)
+    return F.cosine_similarity(student, teacher_feats, dim=-1).mean().item()
