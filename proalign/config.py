@@ -147,6 +147,9 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"
+    # CPU: one intra-op thread while training, so a resumed run is bitwise equal to an
+    # uninterrupted one (multi-threaded MKL reductions are not). Set false for speed.
+    deterministic: bool = True
     deepspeed: Optional[str] = None
     # A proalign model file (safetensors with clip./adapter./prompt. entries) to start from.
     init_from: Optional[str] = None

@@ -172,6 +172,17 @@ def train(task: StageTask, cfg: RunConfig, train_cfg: TrainConfig, run_dir: str 
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     task.to(device)
+    threads = torch.get_num_threads()
+    if cfg.deterministic and device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds, rank, world, is_main)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds, rank, world, is_main):
+    from tqdm.auto import tqdm
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{task.name}: nothing to train (no parameter requires grad)")

@@ -1,0 +1,66 @@
+import time
+
+import pytest
+import yaml
+
+from proalign.config import ConfigError, load_config
+
+from conftest import ROOT, run_cli
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def base():
+    return yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
+
+
+def test_committed_configs_validate():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_unknown_key_names_field(tmp_path):
+    raw = base()
+    raw["stage1"]["train"]["optim"]["lrr"] = 0.1
+    with pytest.raises(ConfigError, match=r"stage1\.train\.optim\.lrr"):
+        load_config(write(tmp_path, raw))
+
+
+def test_wrong_type_names_field(tmp_path):
+    raw = base()
+    raw["stage2"]["train"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"stage2\.train\.steps: expected int"):
+        load_config(write(tmp_path, raw))
+
+
+def test_bad_literal_and_missing_path(tmp_path):
+    raw = base()
+    raw["embedder"]["pooling"] = "max"
+    with pytest.raises(ConfigError, match=r"embedder\.pooling"):
+        load_config(write(tmp_path, raw))
+    raw = base()
+    raw["embedder"] = {"source": "transformers", "name": "./no/such/model"}
+    with pytest.raises(ConfigError, match=r"embedder\.name.*does not exist"):
+        load_config(write(tmp_path, raw))
+
+
+def test_set_overrides(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["stage1.train.optim.lr=0.5", "adapter.num_blocks=3"])
+    assert cfg.stage1.train.optim.lr == 0.5 and cfg.adapter.num_blocks == 3
+    with pytest.raises(ConfigError, match=r"adapter\.expansion"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["adapter.expansion=0"])
+
+
+def test_cli_bad_config_fails_fast(tmp_path):
+    raw = base()
+    raw["clip"]["checkpoint"] = str(tmp_path / "missing.safetensors")
+    start = time.time()
+    out = run_cli(["stage1", "--config", str(write(tmp_path, raw))])
+    # Includes interpreter start; the check itself runs before any model is built.
+    assert out.returncode == 2
+    assert "clip.checkpoint" in out.stderr
+    assert time.time() - start < 10

@@ -1,0 +1,58 @@
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from proalign import pipeline
+from proalign.data.cache import EmbeddingCache, StaleCacheError
+
+from conftest import run_cli
+
+
+def test_stage1_learns_and_reports(tiny_cfg, capsys):
+    summary = pipeline.run_stage1(tiny_cfg, progress=False)
+    assert summary["heldout_cosine_after"] > summary["heldout_cosine_before"] + 0.2
+    rows = [json.loads(line) for line in open(f"{tiny_cfg.output_dir}/metrics.jsonl")]
+    losses = [r["loss"] for r in rows if r["stage"] == "stage1"]
+    assert sum(losses[-3:]) / 3 < losses[0]
+    assert "teacher_truncated" in summary
+    assert "held-out cosine" in capsys.readouterr().out
+    weights = load_file(f"{tiny_cfg.output_dir}/stage1.safetensors")
+    assert any(k.startswith("adapter.") for k in weights) and any(k.startswith("clip.") for k in weights)
+
+
+def test_stage1_resume_after_kill_gives_same_adapter(tiny_cfg, tmp_path):
+    common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={tmp_path / 'cache'}"]
+    full = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}"],
+                     env={"PROALIGN_KILL_AT_STEP": "70"})
+    assert killed.returncode == -9
+    resumed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "full" / "stage1.safetensors"))
+    b = load_file(str(tmp_path / "crash" / "stage1.safetensors"))
+    for key in a:
+        if key.startswith("adapter."):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_cache_is_reused_and_stale_detected(tiny_cfg, tmp_path):
+    import shutil
+    from proalign.models.proclip import ProCLIP
+    model = ProCLIP.from_config(tiny_cfg)
+    first = pipeline.build_caches(tiny_cfg, model, progress=False)
+    assert first["llm"]["shards_encoded"] == 2
+    again = pipeline.build_caches(tiny_cfg, model, progress=False)
+    assert again["llm"]["shards_reused"] == 2 and "shards_encoded" not in again["llm"]
+    shard = tmp_path / "copy.tar"
+    shutil.copy(tiny_cfg.data.train_shards[0], shard)
+    cache = EmbeddingCache(tmp_path / "c2", "llm", "fp")
+    cache.build([str(shard)], lambda texts: torch.zeros(len(texts), 3), progress=False)
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 1024)  # the shard changed after caching
+    try:
+        cache.load([str(shard)])
+        raise AssertionError("stale cache was used")
+    except StaleCacheError as err:
+        assert "copy.tar" in str(err)
