@@ -43,21 +43,36 @@ def distillation_loss(student, teacher, w_instance=1.0, w_structure=1.0, reducti
     return w_instance * ins + w_structure * struct, {"loss_instance": ins.detach(), "loss_structure": struct.detach()}
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's shard (all_reduce),
+    so cross-rank negatives push gradient back to the rank that owns them. Works on gloo and nccl."""
+
+    @staticmethod
+    def forward(ctx, local):
+        shards = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, local.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), local.shape[0]
+        return torch.cat(shards)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def gather_features(local: torch.Tensor) -> torch.Tensor:
-    """All ranks' features, concatenated in rank order; gradient flows through the local shard."""
+    """All ranks' features, concatenated in rank order (equal batch per rank), differentiable."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    shards = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(shards, local.detach().contiguous())
-    shards[dist.get_rank()] = local
-    return torch.cat(shards)
+    return _GatherWithGrad.apply(local)
 
 
 def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                  gather: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE: local rows against the global (gathered) batch, open_clip `local_loss` style.
-
-    Averaged over ranks, the gradient equals that of the single-process loss on the global batch.
+    """Symmetric InfoNCE: local rows against the global (gathered) batch, open_clip's
+    `local_loss` + `gather_with_grad` semantics. The mean over ranks equals the single-process
+    loss on the global batch, and so do the rank-averaged gradients (DDP/DeepSpeed averaging).
     """
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0

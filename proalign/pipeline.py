@@ -136,7 +136,7 @@ def evaluate_heldout(cfg: RunConfig, model: ProCLIP) -> dict:
     """Image-text R@k on the eval shards with the training languages, through the adapter."""
     from .eval.benchmark import evaluate_retrieval
     model.eval()
-    rows = evaluate_retrieval(model.encode_image, {"proclip": lambda t: model.encode_text(t)},
+    rows = evaluate_retrieval(model.encode_image, {"proclip": lambda texts, ids: model.encode_text(texts)},
                               cfg.data.eval_shards, model.preprocess_eval, cfg.data.train_languages,
                               cfg.data.max_eval_samples, "heldout")
     model.train()

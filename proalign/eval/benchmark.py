@@ -20,10 +20,12 @@ def languages_present(metas: dict) -> list[str]:
 
 @torch.no_grad()
 def evaluate_retrieval(image_encoder: Callable[[torch.Tensor], torch.Tensor],
-                       text_encoders: dict[str, Callable[[list[str]], torch.Tensor]],
+                       text_encoders: dict[str, Callable[[list[str], list[str]], torch.Tensor]],
                        shards, preprocess, languages: Optional[Sequence[str]] = None,
                        max_samples: Optional[int] = None, dataset: str = "") -> list[dict]:
-    """One row per (encoder, language): recall@1/5/10 both ways over images captioned in that language."""
+    """One row per (encoder, language): recall@1/5/10 both ways over images captioned in that language.
+
+    Each text encoder is called as encode(texts, caption_ids), so it may serve cached features."""
     skips: Counter = Counter()
     images, keys, metas = load_image_text(expand_shards(shards), preprocess, max_samples=max_samples, skips=skips)
     if skips:
@@ -34,10 +36,11 @@ def evaluate_retrieval(image_encoder: Callable[[torch.Tensor], torch.Tensor],
     langs = list(languages) if languages else languages_present(metas)
     rows = []
     for lang in langs:
-        texts, owner = [], []
+        texts, ids, owner = [], [], []
         for idx, key in enumerate(keys):
-            for _, text in caption_items(metas[key], key, [lang]):
+            for cid, text in caption_items(metas[key], key, [lang]):
                 texts.append(text)
+                ids.append(cid)
                 owner.append(idx)
         if not texts:
             log.warning("eval %s: no %s captions, language skipped", dataset, lang)
@@ -46,7 +49,7 @@ def evaluate_retrieval(image_encoder: Callable[[torch.Tensor], torch.Tensor],
         remap = {old: new for new, old in enumerate(used)}
         target = torch.tensor([remap[o] for o in owner])
         for name, encode in text_encoders.items():
-            text_emb = encode(texts).cpu()
+            text_emb = encode(texts, ids).cpu()
             metrics = retrieval_metrics(image_emb[used], text_emb, target)
             rows.append({"dataset": dataset, "model": name, "language": lang, "images": len(used),
                          "captions": len(texts), **metrics})

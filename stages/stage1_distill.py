@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Launch target for stage1 (python, torchrun or deepspeed): `deepspeed stages/stage1_distill.py --config run.yaml`."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from proalign.cli import main  # noqa: E402
+
+
+def _strip_launcher_args(argv):
+    # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
+    return [a for a in argv if not a.startswith("--local_rank")]
+
+
+if __name__ == "__main__":
+    sys.exit(main(["stage1", *_strip_launcher_args(sys.argv[1:])]))

@@ -1,0 +1,72 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from proalign.ema import EMATeacher
+from proalign.losses import infonce_loss
+
+from conftest import ROOT
+
+
+def test_ema_matches_closed_form():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    ema = EMATeacher(net, momentum=0.9)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    history = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        history.append({k: v.clone() for k, v in net.state_dict().items()})
+        ema.update(net)
+    for key, value in ema.module.state_dict().items():
+        # theta_bar_3 = m^3 theta_0 + (1-m) sum_k m^(3-k) theta_k
+        expected = 0.9 ** 3 * start[key] + sum(0.1 * 0.9 ** (2 - i) * h[key] for i, h in enumerate(history))
+        assert torch.allclose(value, expected, atol=1e-6), key
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_ema_momentum_one_keeps_teacher_bit_identical():
+    net = nn.Linear(4, 3)
+    ema = EMATeacher(net, momentum=1.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+
+
+def _dist_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    local_i = image[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    local_t = text[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    loss = infonce_loss(local_i, local_t, torch.tensor(10.0))
+    # Gradient of the mean of per-rank losses, as DDP/DeepSpeed averaging gives.
+    (loss / world).backward()
+    torch.save({"loss": loss.detach(), "gi": local_i.grad, "gt": local_t.grad}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathered_infonce_equals_single_process(tmp_path):
+    import random
+    import torch.multiprocessing as mp
+    port = random.randint(20000, 40000)
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(8, 16, generator=g).requires_grad_(True)
+    text = torch.randn(8, 16, generator=g).requires_grad_(True)
+    ref = infonce_loss(image, text, torch.tensor(10.0), gather=False)
+    ref.backward()
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.stack([p["loss"] for p in parts]).mean().item() == pytest.approx(ref.item(), abs=1e-5)
+    assert torch.allclose(torch.cat([p["gi"] for p in parts]), image.grad, atol=1e-5)
+    assert torch.allclose(torch.cat([p["gt"] for p in parts]), text.grad, atol=1e-5)
