@@ -94,17 +94,23 @@ def _text_cache_dict(cfg: RunConfig, model: ProCLIP) -> dict[str, torch.Tensor]:
 
 
 def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
+    import torch.distributed as dist
     from .tasks import Stage2Task
+    rank, world = engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
     torch.manual_seed(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
-    llm_cache(cfg, model).build(_all_shards(cfg), lambda t: model.embedder.encode(t, batch_size=cfg.embedder.batch_size),
-                                progress=progress)
-    before = evaluate_heldout(cfg, model) if cfg.data.eval_shards else {}
+    if rank == 0:  # one writer; the other ranks wait, then read
+        llm_cache(cfg, model).build(_all_shards(cfg), lambda t: model.embedder.encode(t, batch_size=cfg.embedder.batch_size),
+                                    progress=progress)
+    if world > 1:
+        dist.barrier()
+    before = evaluate_heldout(cfg, model) if cfg.data.eval_shards and rank == 0 else {}
     engine.seed_everything(cfg.seed)
     task = Stage2Task(model, cfg, _text_cache_dict(cfg, model))
     last = engine.train(task, cfg, cfg.stage2.train, cfg.output_dir, resume=resume, progress=progress)
     task.export_logit_scale(model.clip)
-    after = evaluate_heldout(cfg, model) if cfg.data.eval_shards else {}
+    _write_replica_checksum(cfg, task, rank)
+    after = evaluate_heldout(cfg, model) if cfg.data.eval_shards and rank == 0 else {}
     if _is_main():
         model.save(Path(cfg.output_dir) / "stage2.safetensors", {"stage": "stage2"})
     summary = {"stage": "stage2", **last, **{f"before_{k}": v for k, v in before.items()},
@@ -142,6 +148,14 @@ def evaluate_heldout(cfg: RunConfig, model: ProCLIP) -> dict:
     model.train()
     keys = [k for k in rows[0] if "R@" in k]
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def _write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> None:
+    """Each rank records a hash of its trained weights: replicas must agree after data-parallel training."""
+    from .models.towers import module_fingerprint
+    folder = Path(cfg.output_dir) / "replicas"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{task.name}-rank{rank}.txt").write_text(module_fingerprint(task) + "\n")
 
 
 def _is_main() -> bool:

@@ -126,7 +126,8 @@ class Stage2Task(_StreamMixin, StageTask):
         self.visual = model.clip.visual
         self.adapter = model.adapter
         self.ema = EMATeacher(self.visual, s2.ema_momentum)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(s2.init_logit_scale)))
+        # Shape (1,), not a scalar: DeepSpeed cannot broadcast 0-dim parameters.
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(s2.init_logit_scale)))
         self.max_log_scale = math.log(s2.max_logit_scale)
         self.lambda_sd, self.reduction = s2.lambda_sd, s2.reduction
         self.embedder = model.embedder
@@ -170,7 +171,7 @@ class Stage2Task(_StreamMixin, StageTask):
 
     def export_logit_scale(self, clip: nn.Module) -> None:
         with torch.no_grad():
-            clip.logit_scale.copy_(self.log_scale.detach().to(clip.logit_scale.device))
+            clip.logit_scale.copy_(self.log_scale.detach().squeeze().to(clip.logit_scale.device))
 
 
 @torch.no_grad()

@@ -70,3 +70,24 @@ def test_gathered_infonce_equals_single_process(tmp_path):
     assert torch.stack([p["loss"] for p in parts]).mean().item() == pytest.approx(ref.item(), abs=1e-5)
     assert torch.allclose(torch.cat([p["gi"] for p in parts]), image.grad, atol=1e-5)
     assert torch.allclose(torch.cat([p["gt"] for p in parts]), text.grad, atol=1e-5)
+
+
+def _launch_env(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return env
+
+
+def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path):
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    out = tmp_path / "ds"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", "29617", "stages/stage2_align.py",
+           "--config", "configs/tiny-cpu.yaml", "--no-progress",
+           "--set", f"output_dir={out}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+           "--set", "deepspeed=configs/deepspeed/zero1.json", "--set", "stage2.train.steps=4",
+           "--set", "stage2.train.checkpoint_every=2", "--set", "stage2.train.batch_size=8",
+           "--set", "data.eval_shards=[]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sums = [(out / "replicas" / f"stage2-rank{r}.txt").read_text() for r in range(2)]
+    assert sums[0] == sums[1]
+    assert (out / "stage2.safetensors").exists()
