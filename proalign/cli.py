@@ -45,7 +45,6 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
-    from . import pipeline
     start = time.time()
     progress = not getattr(args, "no_progress", False)
     if args.command == "convert-e5":
@@ -56,7 +55,8 @@ def _dispatch(args) -> int:
         from .demo import run_demo
         run_demo(args.output_dir, args.config, args.set, resume=args.resume, progress=progress)
         return 0
-    cfg = _load(args)
+    cfg = _load(args)  # validated before torch and the models are imported
+    from . import pipeline
     if args.command == "cache":
         from .models.proclip import ProCLIP
         print(pipeline.build_caches(cfg, ProCLIP.from_config(cfg), progress=progress))
