@@ -74,6 +74,8 @@ class TextEmbedder(nn.Module):
     @classmethod
     def from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # e.g. the unused BERT pooler is reported as "missing"
         pooling, q_prefix, p_prefix = cfg.pooling, cfg.query_prefix, cfg.passage_prefix
         if cfg.source == "random":
             from transformers import AutoConfig
