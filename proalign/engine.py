@@ -6,6 +6,7 @@ plus `next_batch`, `after_step` (EMA update, logit-scale clamp) and its data pos
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -31,13 +32,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class StageTask(nn.Module):
+class StageTask(nn.Module, abc.ABC):
     """Interface a stage implements; the engine owns everything else."""
 
     name = "stage"
 
+    @abc.abstractmethod
     def next_batch(self) -> dict:
-        raise NotImplementedError
+        """The next training batch (moved to the device by `forward`)."""
 
     def after_step(self) -> None:
         """Called after every optimizer step (EMA update, clamping)."""
