@@ -90,7 +90,3 @@ def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reducti
     total, parts = distillation_loss(image, ema_image.detach(), 1.0, 1.0, reduction)
     return total, {"sd_instance": parts["loss_instance"], "sd_structure": parts["loss_structure"]}
 
-
-def clamp_logit_scale(log_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:
-    with torch.no_grad():
-        log_scale.clamp_(max=torch.log(torch.tensor(max_scale)).item())
