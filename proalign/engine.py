@@ -158,7 +158,6 @@ def _kill_hook(step: int) -> None:
 def train(task: StageTask, cfg: RunConfig, train_cfg: TrainConfig, run_dir: str | Path,
           resume: bool = False, device: Optional[torch.device] = None, progress: bool = True) -> dict:
     """Run `train_cfg.steps` optimizer steps of `task`; returns the last logged metrics."""
-    from tqdm.auto import tqdm
     run_dir = Path(run_dir)
     device = device or resolve_device(cfg.device)
     use_ds = bool(cfg.deepspeed)

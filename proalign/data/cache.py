@@ -34,12 +34,10 @@ class EmbeddingCache:
         self.dir = Path(root) / f"{kind}-{fingerprint}"
         self.kind, self.fingerprint = kind, fingerprint
 
-    def _file(self, url: str) -> Path:
-        name = Path(url).name
-        return self.dir / (name[:-4] if name.endswith(".tar") else name).replace("/", "_")
-
     def sidecar(self, url: str) -> Path:
-        return Path(str(self._file(url)) + ".safetensors")
+        name = Path(url).name
+        stem = name[:-4] if name.endswith(".tar") else name
+        return self.dir / f"{stem}.safetensors"
 
     def _check(self, url: str) -> Optional[str]:
         """None if the sidecar of `url` is present and current, else why not."""
