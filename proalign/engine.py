@@ -53,6 +53,10 @@ class StageTask(nn.Module, abc.ABC):
     def skip_counts(self) -> dict:
         return {}
 
+    def evaluate(self) -> dict:
+        """Held-out metrics, run on rank 0 every `train.eval_every` steps (none by default)."""
+        return {}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -257,6 +261,12 @@ def _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds,
                     **{f"skipped_{k}": v for k, v in task.skip_counts().items()}}
             metrics_log.write(done, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and is_main:
+            scores = {f"eval_{k}": float(v) for k, v in task.evaluate().items()}
+            if scores:
+                metrics_log.write(done, scores)
+                log.info("%s step %d: %s", task.name, done, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            model.train()
         if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
             _save(ckpt, done, task, optimizer, scheduler, ds_engine, is_main)
         _kill_hook(done)

@@ -1,10 +1,12 @@
 """ProCLIP losses. Inputs are raw features; every loss L2-normalises before comparing."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -90,3 +92,31 @@ def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reducti
     total, parts = distillation_loss(image, ema_image.detach(), 1.0, 1.0, reduction)
     return total, {"sd_instance": parts["loss_instance"], "sd_structure": parts["loss_structure"]}
 
+
+
+class LogitScale(nn.Module):
+    """Learnable inverse temperature, stored as a log in a (1,)-shaped parameter (DeepSpeed
+    cannot broadcast 0-dim parameters) and clamped at `maximum` after each optimizer step."""
+
+    def __init__(self, init: float = 1.0 / 0.07, maximum: float = 100.0):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
+        self.max_log = math.log(maximum)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.log_scale.clamp_(max=self.max_log)
+
+    @torch.no_grad()
+    def export_to(self, clip: nn.Module) -> None:
+        """Write the learned value into an open_clip model's 0-dim `logit_scale` (re-created if
+        it was removed for DeepSpeed)."""
+        value = self.log_scale.detach().squeeze().clone()
+        current = getattr(clip, "logit_scale", None)
+        if isinstance(current, torch.Tensor):
+            current.copy_(value.to(current.device))
+        else:
+            clip.logit_scale = nn.Parameter(value)

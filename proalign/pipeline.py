@@ -107,6 +107,8 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     before = evaluate_heldout(cfg, model) if cfg.data.eval_shards and rank == 0 else {}
     engine.seed_everything(cfg.seed)
     task = Stage2Task(model, cfg, _text_cache_dict(cfg, model))
+    if cfg.data.eval_shards:
+        task.evaluator = lambda: evaluate_heldout(cfg, model)
     last = engine.train(task, cfg, cfg.stage2.train, cfg.output_dir, resume=resume, progress=progress)
     task.export_logit_scale(model.clip)
     _write_replica_checksum(cfg, task, rank)
@@ -129,6 +131,7 @@ def run_teacher(cfg: RunConfig, resume: bool = False, progress: bool = True) -> 
     model = ProCLIP.from_config(cfg, load_embedder=False)
     task = TeacherTask(model, cfg)
     last = engine.train(task, cfg, cfg.teacher.train, cfg.output_dir, resume=resume, progress=progress)
+    task.export_logit_scale(model.clip)
     path = Path(cfg.output_dir) / "teacher.safetensors"
     if _is_main():
         from .models.checkpoint import save_tensors

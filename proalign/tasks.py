@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -13,7 +12,7 @@ from .config import RunConfig
 from .data.shards import Batcher, ImageTextStream
 from .ema import EMATeacher
 from .engine import StageTask
-from .losses import distillation_loss, infonce_loss, self_distillation_loss
+from .losses import LogitScale, distillation_loss, infonce_loss, self_distillation_loss
 from .models.proclip import ProCLIP
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,10 @@ class TeacherTask(_StreamMixin, StageTask):
         super().__init__()
         self.clip = model.clip
         self.tokenizer = model.clip_tokenizer
+        # open_clip's 0-dim logit_scale would break DeepSpeed's parameter broadcast: it is taken
+        # out while training and a (1,) copy trains instead (`export_logit_scale` puts it back).
+        self.logit_scale = LogitScale(self.clip.logit_scale.exp().item(), cfg.stage2.max_logit_scale)
+        del self.clip.logit_scale
         self._init_stream(cfg, model.preprocess_train, cfg.teacher.train.batch_size, cfg.data.train_languages)
 
     def next_batch(self) -> dict:
@@ -61,15 +64,18 @@ class TeacherTask(_StreamMixin, StageTask):
         return batch
 
     def forward(self, batch: dict):
-        device = self.clip.logit_scale.device
+        device = self.logit_scale.log_scale.device
         image = self.clip.encode_image(batch["image"].to(device))
         text = self.clip.encode_text(batch["tokens"].to(device))
-        loss = infonce_loss(image, text, self.clip.logit_scale.exp())
-        return loss, {"logit_scale": self.clip.logit_scale.exp().detach()}
+        scale = self.logit_scale()
+        loss = infonce_loss(image, text, scale)
+        return loss, {"logit_scale": scale.detach()}
 
     def after_step(self) -> None:
-        with torch.no_grad():
-            self.clip.logit_scale.clamp_(0, math.log(100))
+        self.logit_scale.clamp_()
+
+    def export_logit_scale(self, clip: nn.Module) -> None:
+        self.logit_scale.export_to(clip)
 
 
 class Stage1Task(StageTask):
@@ -126,13 +132,12 @@ class Stage2Task(_StreamMixin, StageTask):
         self.visual = model.clip.visual
         self.adapter = model.adapter
         self.ema = EMATeacher(self.visual, s2.ema_momentum)
-        # Shape (1,), not a scalar: DeepSpeed cannot broadcast 0-dim parameters.
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(s2.init_logit_scale)))
-        self.max_log_scale = math.log(s2.max_logit_scale)
+        self.logit_scale = LogitScale(s2.init_logit_scale, s2.max_logit_scale)
         self.lambda_sd, self.reduction = s2.lambda_sd, s2.reduction
         self.embedder = model.embedder
         self.text_cache = text_cache or {}
         self.cache_misses = 0
+        self.evaluator = None  # set by the pipeline: () -> held-out retrieval metrics
         self._init_stream(cfg, model.preprocess_train, s2.train.batch_size, cfg.data.train_languages)
 
     def _llm_features(self, ids, texts) -> torch.Tensor:
@@ -153,25 +158,27 @@ class Stage2Task(_StreamMixin, StageTask):
         return batch
 
     def forward(self, batch: dict):
-        device = self.log_scale.device
+        device = self.logit_scale.log_scale.device
         images = batch["image"].to(device)
         image = self.visual(images)
         text = self.adapter(batch["llm"].to(device))
-        contrastive = infonce_loss(image, text, self.log_scale.exp())
+        scale = self.logit_scale()
+        contrastive = infonce_loss(image, text, scale)
         with torch.no_grad():
             ema_image = self.ema(images)
         sd, parts = self_distillation_loss(image, ema_image, self.reduction)
         loss = contrastive + self.lambda_sd * sd
-        return loss, {"loss_clip": contrastive.detach(), **parts, "logit_scale": self.log_scale.exp().detach()}
+        return loss, {"loss_clip": contrastive.detach(), **parts, "logit_scale": scale.detach()}
 
     def after_step(self) -> None:
         self.ema.update(self.visual)
-        with torch.no_grad():
-            self.log_scale.clamp_(max=self.max_log_scale)
+        self.logit_scale.clamp_()
 
     def export_logit_scale(self, clip: nn.Module) -> None:
-        with torch.no_grad():
-            clip.logit_scale.copy_(self.log_scale.detach().squeeze().to(clip.logit_scale.device))
+        self.logit_scale.export_to(clip)
+
+    def evaluate(self) -> dict:
+        return self.evaluator() if self.evaluator else {}
 
 
 @torch.no_grad()

@@ -7,10 +7,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from proalign.cli import main  # noqa: E402
 
 
-def _strip_launcher_args(argv):
-    # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
-    return [a for a in argv if not a.startswith("--local_rank")]
-
-
 if __name__ == "__main__":
-    sys.exit(main(["stage2", *_strip_launcher_args(sys.argv[1:])]))
+    sys.exit(main(["stage2", *sys.argv[1:]]))

@@ -195,11 +195,16 @@ class ImageTextStream(IterableDataset):
             return {"skip": "bad_json"}
         if not items:
             return {"skip": "no_caption"}
+        caption_id, text = items[rng.randrange(len(items))]
+        # Random augmentation is seeded per sample from the stream's RNG, so it depends on the
+        # sample's place in the epoch only: not on workers, skipped samples or a resume.
+        aug_seed = rng.getrandbits(62)
         try:
-            image = self.preprocess(decode_image(sample))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                image = self.preprocess(decode_image(sample))
         except Exception:
             return {"skip": "bad_image"}
-        caption_id, text = items[rng.randrange(len(items))]
         return {"image": image, "caption_id": caption_id, "text": text, "key": sample["__key__"]}
 
     def __iter__(self):

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..config import RunConfig
@@ -70,15 +71,15 @@ class ProCLIP(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
     def encode_text(self, texts: Sequence[str], prompt: bool = False, normalize: bool = True,
-                    batch_size: int = 64) -> torch.Tensor:
-        """Texts through the LLM embedder (+ learned context when `prompt`) and the adapter."""
+                    batch_size: int = 64, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Texts through the LLM embedder (+ the learned context when `prompt`) and the adapter.
+        A class-specific context also needs each text's `class_index`."""
         if self.embedder is None:
             raise RuntimeError("this ProCLIP was built without its embedder")
         if prompt:
             if self.prompt is None:
-                raise RuntimeError("prompt=True but no prompt context is loaded")
-            feats = torch.cat([self.prompt(list(texts[i:i + batch_size]))
-                               for i in range(0, len(texts), batch_size)])
+                raise RuntimeError("prompt=True but no prompt context is loaded (train one with `proalign coop`)")
+            feats = self.prompt.encode(texts, class_index, batch_size).to(self.adapter.proj.weight.device)
         else:
             feats = self.embedder.encode(texts, batch_size=batch_size).to(self.adapter.proj.weight.device)
         return self.encode_llm_features(feats, normalize)
@@ -112,6 +113,8 @@ class ProCLIP(nn.Module):
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: proalign model files are .safetensors")
         state = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
         parts = {"clip": self.clip, "adapter": self.adapter}
         for prefix, module in parts.items():
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -123,5 +126,5 @@ class ProCLIP(nn.Module):
         prompt_state = {k[len("prompt."):]: v for k, v in state.items() if k.startswith("prompt.")}
         if prompt_state:
             from .prompt import PromptLearner
-            self.prompt = PromptLearner.from_state(self.embedder, prompt_state, path)
+            self.prompt = PromptLearner.from_state(self.embedder, prompt_state, metadata, str(path))
         return self
