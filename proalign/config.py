@@ -129,16 +129,27 @@ class TeacherConfig:
 
 @dataclass
 class CoopConfig:
+    """Few-shot CoOp head (defaults follow CoOp: 16 context vectors, SGD 0.002, cosine, 1 warm-up
+    epoch, batch 32). Classes come from each sample's `label` (else its key); class names from
+    `class_names` (else its captions), per language."""
     shots: int = 16
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.002
     momentum: float = 0.9
+    weight_decay: float = 5e-4
     warmup_epochs: int = 1
     train_adapter: bool = False
-    templates: dict = field(default_factory=lambda: {"en": "a photo of a {}."})
+    # Classes scored per step: the batch's own plus random negatives up to this many (0 = all).
+    classes_per_step: int = 0
+    # Hand-written templates per language; languages missing here use the built-in translations
+    # of "a photo of a {}." (proalign/eval/templates.py).
+    templates: dict = field(default_factory=dict)
     train_languages: list = field(default_factory=lambda: ["en"])
     eval_languages: list = field(default_factory=list)
+    train_shards: list = field(default_factory=list)  # empty: data.train_shards
+    eval_shards: list = field(default_factory=list)   # empty: data.eval_shards
+    log_every: int = 10
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
 
@@ -243,6 +254,13 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(0.0 <= cfg.stage2.ema_momentum <= 1.0, "stage2.ema_momentum", "must be in [0, 1]")
     need(cfg.embedder.max_length > 2, "embedder.max_length", "must be > 2")
     need(cfg.coop.prompt.n_ctx >= 0, "coop.prompt.n_ctx", "must be >= 0")
+    need(cfg.coop.shots > 0, "coop.shots", "must be > 0")
+    need(cfg.coop.epochs > 0, "coop.epochs", "must be > 0")
+    need(cfg.coop.batch_size > 0, "coop.batch_size", "must be > 0")
+    need(cfg.coop.lr > 0, "coop.lr", "must be > 0")
+    for lang, template in cfg.coop.templates.items():
+        need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
+             "must be a string with exactly one {} for the class name")
     if cfg.embedder.source == "random":
         need(cfg.embedder.arch is not None, "embedder.arch", "is required when embedder.source is 'random'")
         need(bool(cfg.embedder.tokenizer), "embedder.tokenizer", "is required when embedder.source is 'random'")

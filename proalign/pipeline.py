@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import engine
-from .config import RunConfig
+from .config import OptimConfig, RunConfig, TrainConfig
 from .data.cache import EmbeddingCache
 from .data.shards import expand_shards
 from .models.proclip import ProCLIP
@@ -138,6 +138,85 @@ def run_teacher(cfg: RunConfig, resume: bool = False, progress: bool = True) -> 
         save_tensors({f"clip.{k}": v for k, v in model.clip.state_dict().items()}, path, {"stage": "teacher"})
     _append_summary(cfg, {"stage": "teacher", **last})
     return {"stage": "teacher", "path": str(path), **last}
+
+
+def coop_train_config(cfg: RunConfig, n_train: int) -> TrainConfig:
+    """CoOp's epoch-based schedule as engine steps: SGD, cosine, `warmup_epochs` of warm-up."""
+    per_epoch = max(1, -(-n_train // cfg.coop.batch_size))
+    c = cfg.coop
+    return TrainConfig(steps=c.epochs * per_epoch, batch_size=c.batch_size, log_every=c.log_every,
+                       checkpoint_every=per_epoch,
+                       optim=OptimConfig(optimizer="sgd", lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                         warmup_steps=c.warmup_epochs * per_epoch, schedule="cosine"))
+
+
+@torch.no_grad()
+def encode_images(model: ProCLIP, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    device = next(model.clip.parameters()).device
+    return torch.cat([model.encode_image(images[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
+    """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned."""
+    from .data.classes import read_labelled
+    from .eval.report import coop_report, coop_table
+    from .eval.zeroshot import accuracy_handwritten_vs_learned
+    from .models.prompt import PromptLearner
+    from .tasks import CoopTask
+    c = cfg.coop
+    engine.seed_everything(cfg.seed)
+    model = model or ProCLIP.from_config(cfg)
+    train_set = read_labelled(c.train_shards or cfg.data.train_shards, model.preprocess_eval, c.shots, cfg.seed)
+    eval_set = read_labelled(c.eval_shards or cfg.data.eval_shards, model.preprocess_eval,
+                             max_samples=cfg.data.max_eval_samples)
+    names = [[n for lang in c.train_languages for n in train_set.names[k].get(lang, [])]
+             for k in range(len(train_set.classes))]
+    usable = torch.tensor([bool(n) for n in names])
+    if not usable.any():
+        raise ValueError(f"coop.train_languages={c.train_languages}: no training class has a name in them")
+    if not usable.all():
+        log.warning("coop: %d of %d training classes have no name in %s and are left out",
+                    int((~usable).sum()), len(names), c.train_languages)
+    keep_rows = usable[train_set.labels]
+    train_feats = encode_images(model, train_set.images[keep_rows])
+    eval_feats = encode_images(model, eval_set.images)
+    print(f"coop: {len(train_set.classes)} classes, {int(keep_rows.sum())} training images "
+          f"(<= {c.shots} shots each); eval {len(eval_set.classes)} classes, {len(eval_set.labels)} images")
+
+    p = c.prompt
+    model.prompt = PromptLearner(model.embedder, p.n_ctx, p.position, p.class_specific, train_set.classes,
+                                 p.init_phrase)
+    class_index_of = None
+    if p.class_specific:
+        train_index = {cls: i for i, cls in enumerate(train_set.classes)}
+        missing = [cls for cls in eval_set.classes if cls not in train_index]
+        if missing:
+            raise ValueError(f"coop.prompt.class_specific: eval class {missing[0]!r} has no learned context "
+                             "(class-specific context only covers the training classes)")
+        lookup = torch.tensor([train_index[cls] for cls in eval_set.classes])
+        class_index_of = lambda index: lookup[index]  # noqa: E731
+    languages = c.eval_languages or None
+    embedder_sum = module_fingerprint(model.embedder)
+    logit_scale = model.clip.logit_scale.exp().item()
+    task = CoopTask(model.prompt, model.adapter, train_feats, train_set.labels[keep_rows], names, logit_scale, cfg)
+    train_cfg = coop_train_config(cfg, len(train_feats))
+    last = engine.train(task, cfg, train_cfg, cfg.output_dir, resume=resume, progress=progress)
+    model.eval()
+    after = accuracy_handwritten_vs_learned(eval_feats, eval_set, model, c.templates, languages,
+                                            class_index_of=class_index_of)
+    out = Path(cfg.output_dir)
+    if _is_main():
+        model.save(out / "coop.safetensors", {"stage": "coop"})
+        coop_report(after, out / "coop_results.md", out / "coop_accuracy.png")
+    if module_fingerprint(model.embedder) != embedder_sum:
+        raise RuntimeError("coop: the frozen embedder's weights changed during training")
+    summary = {"stage": "coop", **last, "rows": after, "truncated_prompts": model.prompt.truncated_count,
+               "embedder_checksum": embedder_sum}
+    print(coop_table(after))
+    _append_summary(cfg, summary)
+    return summary
 
 
 @torch.no_grad()

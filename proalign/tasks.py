@@ -43,6 +43,26 @@ class _StreamMixin:
         return dict(self._batcher.skips) if self._batcher else {}
 
 
+class EpochSampler:
+    """Batches of row indices from a seeded permutation per epoch; the position (rows consumed)
+    is the whole resume state."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.position = 0
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
+    def next(self) -> torch.Tensor:
+        epoch, offset = divmod(self.position, self.n)
+        idx = self._perm(epoch)[offset:offset + self.batch_size]
+        if len(idx) < self.batch_size:  # wrap into the next epoch's order
+            idx = torch.cat([idx, self._perm(epoch + 1)[:self.batch_size - len(idx)]])
+        self.position += self.batch_size
+        return idx
+
+
 class TeacherTask(_StreamMixin, StageTask):
     """Contrastive pre-training of a whole open_clip model (the demo's English CLIP)."""
 
@@ -92,20 +112,10 @@ class Stage1Task(StageTask):
         self.register_buffer("llm_feats", llm_feats.float(), persistent=False)
         self.register_buffer("teacher_feats", teacher_feats.float(), persistent=False)
         self.s1 = cfg.stage1
-        self.batch_size = min(cfg.stage1.train.batch_size, len(llm_feats))
-        self.seed = cfg.seed
-        self.position = 0  # rows consumed since the start of training
+        self.sampler = EpochSampler(len(llm_feats), cfg.stage1.train.batch_size, cfg.seed)
 
     def next_batch(self) -> dict:
-        n = len(self.llm_feats)
-        epoch, offset = divmod(self.position, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        idx = perm[offset:offset + self.batch_size]
-        if len(idx) < self.batch_size:  # wrap into the next epoch's order
-            nxt = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch + 1))
-            idx = torch.cat([idx, nxt[:self.batch_size - len(idx)]])
-        self.position += self.batch_size
-        return {"index": idx}
+        return {"index": self.sampler.next()}
 
     def forward(self, batch: dict):
         idx = batch["index"].to(self.llm_feats.device)
@@ -115,10 +125,10 @@ class Stage1Task(StageTask):
         return loss, parts
 
     def data_state(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.sampler.position}
 
     def load_data_state(self, state: dict) -> None:
-        self.position = int(state.get("position", 0))
+        self.sampler.position = int(state.get("position", 0))
 
 
 class Stage2Task(_StreamMixin, StageTask):
@@ -191,3 +201,65 @@ def heldout_cosine(adapter: nn.Module, llm_feats: torch.Tensor, teacher_feats: t
     student = adapter(llm_feats.to(next(adapter.parameters()).device)).cpu()
     adapter.train(was)
     return F.cosine_similarity(student, teacher_feats, dim=-1).mean().item()
+
+
+class CoopTask(StageTask):
+    """CoOp few-shot classification: cross-entropy of image features against the class prompts'
+    embeddings (learned context -> frozen embedder -> adapter). Only the context trains, plus the
+    adapter when `coop.train_adapter`."""
+
+    name = "coop"
+
+    def __init__(self, prompt: nn.Module, adapter: nn.Module, image_feats: torch.Tensor, labels: torch.Tensor,
+                 class_names: list[list[str]], logit_scale: float, cfg: RunConfig):
+        super().__init__()
+        if len(image_feats) != len(labels) or len(labels) == 0:
+            raise ValueError(f"coop: need one label per image feature (got {len(image_feats)} and {len(labels)})")
+        if any(not names for names in class_names):
+            raise ValueError("coop: every class needs at least one name in coop.train_languages")
+        self.prompt = prompt
+        self.adapter = adapter.requires_grad_(cfg.coop.train_adapter)
+        self.register_buffer("image_feats", F.normalize(image_feats.float(), dim=-1), persistent=False)
+        self.register_buffer("labels", labels.long(), persistent=False)
+        self.class_names = class_names
+        self.logit_scale = float(logit_scale)
+        self.classes_per_step = cfg.coop.classes_per_step
+        self.seed = cfg.seed
+        self.sampler = EpochSampler(len(labels), cfg.coop.batch_size, cfg.seed)
+
+    def next_batch(self) -> dict:
+        step = self.sampler.position
+        idx = self.sampler.next()
+        rng = torch.Generator().manual_seed(self.seed * 104729 + step)
+        n_classes = len(self.class_names)
+        classes = torch.unique(self.labels[idx])
+        wanted = self.classes_per_step or n_classes
+        if len(classes) < wanted:  # random negatives, drawn per step
+            others = torch.ones(n_classes, dtype=torch.bool)
+            others[classes] = False
+            pool = others.nonzero().squeeze(1)
+            extra = pool[torch.randperm(len(pool), generator=rng)[:wanted - len(classes)]]
+            classes = torch.cat([classes, extra])
+        names = [self.class_names[c][int(torch.randint(len(self.class_names[c]), (1,), generator=rng))]
+                 for c in classes.tolist()]
+        return {"index": idx, "classes": classes, "names": names}
+
+    def forward(self, batch: dict):
+        device = self.image_feats.device
+        classes = batch["classes"].to(device)
+        text = F.normalize(self.adapter(self.prompt(batch["names"], classes)), dim=-1)
+        idx = batch["index"].to(device)
+        logits = self.logit_scale * self.image_feats[idx] @ text.T
+        # target: where each image's class sits in this step's class list
+        lookup = torch.full((len(self.class_names),), -1, dtype=torch.long, device=device)
+        lookup[classes] = torch.arange(len(classes), device=device)
+        target = lookup[self.labels[idx]]
+        loss = F.cross_entropy(logits, target)
+        accuracy = (logits.argmax(1) == target).float().mean()
+        return loss, {"train_acc": accuracy.detach()}
+
+    def data_state(self) -> dict:
+        return {"position": self.sampler.position}
+
+    def load_data_state(self, state: dict) -> None:
+        self.sampler.position = int(state.get("position", 0))

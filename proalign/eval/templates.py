@@ -1,0 +1,51 @@
+"""Hand-written zero-shot prompts: "a photo of a {}." in the languages of the embedded data.
+
+These are the baseline the CoOp head must beat. A language missing here (and in
+`coop.templates`) falls back to the English template, and that fallback is logged.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+PHOTO_OF = {
+    "en": "a photo of a {}.",
+    "de": "ein Foto von {}.",
+    "fr": "une photo de {}.",
+    "es": "una foto de {}.",
+    "it": "una foto di {}.",
+    "pt": "uma foto de {}.",
+    "nl": "een foto van {}.",
+    "pl": "zdjęcie: {}.",
+    "ru": "фотография: {}.",
+    "uk": "фотографія: {}.",
+    "cs": "fotografie: {}.",
+    "sv": "ett foto av {}.",
+    "fi": "valokuva: {}.",
+    "tr": "bir {} fotoğrafı.",
+    "el": "μια φωτογραφία: {}.",
+    "he": "תמונה של {}.",
+    "ar": "صورة {}.",
+    "fa": "عکسی از {}.",
+    "hi": "{} की एक तस्वीर।",
+    "bn": "{} এর একটি ছবি।",
+    "th": "ภาพถ่ายของ{}",
+    "vi": "một bức ảnh về {}.",
+    "id": "sebuah foto {}.",
+    "sw": "picha ya {}.",
+    "am": "የ{} ፎቶ።",
+    "zh": "一张{}的照片。",
+    "ja": "{}の写真。",
+    "ko": "{}의 사진.",
+}
+
+
+def template_for(language: str, overrides: dict[str, str]) -> str:
+    """The configured template for `language`, else the built-in one, else English (logged)."""
+    if language in overrides:
+        return overrides[language]
+    if language in PHOTO_OF:
+        return PHOTO_OF[language]
+    log.warning("no hand-written template for language %r: using the English one", language)
+    return overrides.get("en", PHOTO_OF["en"])
