@@ -2,7 +2,7 @@
 """Rebuild the embedded demo shards from Debian packages (re-runnable, deterministic).
 
 Needs: unicode-cldr-core, fonts-noto-color-emoji, openclipart-svg (apt) and cairosvg (pip).
-    python data_shards/build.py [--out data_shards] [--size 64]
+    python data_shards/build.py [--out data_shards] [--size 64] [--parts emoji clipart]
 """
 from __future__ import annotations
 
@@ -125,15 +125,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--clipart-limit", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart"], default=["emoji", "clipart"])
     args = ap.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     sizes = {}
-    emoji = emoji_samples(args.size, 0.3, args.seed)
-    sizes.update(write_shards(emoji["train"], str(out / "emoji-train-%03d.tar"), 1000))
-    sizes.update(write_shards(emoji["test"], str(out / "emoji-test-%03d.tar"), 1000))
-    train, long_test = clipart_samples(args.size, args.clipart_limit, args.seed)
-    sizes.update(write_shards(train, str(out / "clipart-train-%03d.tar"), 1000))
-    sizes.update(write_shards(long_test, str(out / "clipart-long-test-%03d.tar"), 1000))
+    if "emoji" in args.parts:
+        emoji = emoji_samples(args.size, 0.3, args.seed)
+        sizes.update(write_shards(emoji["train"], str(out / "emoji-train-%03d.tar"), 1000))
+        sizes.update(write_shards(emoji["test"], str(out / "emoji-test-%03d.tar"), 1000))
+    if "clipart" in args.parts:
+        train, long_test = clipart_samples(args.size, args.clipart_limit, args.seed)
+        sizes.update(write_shards(train, str(out / "clipart-train-%03d.tar"), 1000))
+        sizes.update(write_shards(long_test, str(out / "clipart-long-test-%03d.tar"), 1000))
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     print(json.dumps(sizes, indent=1))
 

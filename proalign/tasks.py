@@ -174,6 +174,8 @@ class Stage2Task(_StreamMixin, StageTask):
         text = self.adapter(batch["llm"].to(device))
         scale = self.logit_scale()
         contrastive = infonce_loss(image, text, scale)
+        if self.lambda_sd == 0:  # no self-distillation: skip the teacher's forward pass
+            return contrastive, {"loss_clip": contrastive.detach(), "logit_scale": scale.detach()}
         with torch.no_grad():
             ema_image = self.ema(images)
         sd, parts = self_distillation_loss(image, ema_image, self.reduction)

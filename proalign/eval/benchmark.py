@@ -32,6 +32,13 @@ def evaluate_retrieval(image_encoder: Callable[[torch.Tensor], torch.Tensor],
         log.warning("eval %s: skipped %s", dataset, dict(skips))
     if not keys:
         raise ValueError(f"eval {dataset}: no readable samples in {shards}")
+    return evaluate_loaded(image_encoder, text_encoders, images, keys, metas, languages, dataset)
+
+
+@torch.no_grad()
+def evaluate_loaded(image_encoder, text_encoders, images: torch.Tensor, keys: list[str], metas: dict,
+                    languages: Optional[Sequence[str]] = None, dataset: str = "") -> list[dict]:
+    """`evaluate_retrieval` on images and caption records already in memory."""
     image_emb = torch.cat([image_encoder(images[i:i + 256]) for i in range(0, len(images), 256)]).cpu()
     langs = list(languages) if languages else languages_present(metas)
     rows = []

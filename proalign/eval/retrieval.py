@@ -2,7 +2,7 @@
 
 Recall@k text->image: a caption is found when its image ranks in the top k.
 Recall@k image->text: an image is found when ANY of its captions ranks in the top k.
-Memory is O(chunk * max(N, M)), never O(N * M).
+Memory is O(chunk^2 + N + M), never O(N * M).
 """
 from __future__ import annotations
 
@@ -14,28 +14,31 @@ import torch
 @torch.no_grad()
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
-    """image_emb (N, d) and text_emb (M, d) normalised; text_to_image (M,) image index of each caption."""
+    """image_emb (N, d) and text_emb (M, d) normalised; text_to_image (M,) image index of each caption.
+
+    The similarity matrix is visited in (chunk x chunk) blocks, so memory is O(chunk^2 + N + M)."""
     n, m = image_emb.shape[0], text_emb.shape[0]
     if n == 0 or m == 0:
         raise ValueError(f"retrieval needs images and captions (got {n} images, {m} captions)")
     text_to_image = text_to_image.to(torch.long)
     if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n:
         raise ValueError("text_to_image holds an index outside the image set")
-    t2i_rank = torch.empty(m, dtype=torch.long)
-    for start in range(0, m, chunk):
-        scores = text_emb[start:start + chunk] @ image_emb.T  # (c, N)
-        target = text_to_image[start:start + chunk]
-        correct = scores.gather(1, target[:, None])
-        t2i_rank[start:start + chunk] = (scores > correct).sum(1)
-    i2t_rank = torch.empty(n, dtype=torch.long)
-    for start in range(0, n, chunk):
-        scores = image_emb[start:start + chunk] @ text_emb.T  # (c, M)
-        idx = torch.arange(start, min(start + chunk, n))
-        own = text_to_image[None, :] == idx[:, None]
-        best_own = scores.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
-        i2t_rank[start:start + chunk] = (scores > best_own).sum(1)
-    has_caption = torch.zeros(n, dtype=torch.bool)
-    has_caption[text_to_image] = True
+    # score of each caption with its own image, and each image's best own caption
+    correct = (text_emb * image_emb[text_to_image]).sum(-1)
+    best_own = torch.full((n,), float("-inf"), dtype=correct.dtype)
+    best_own.scatter_reduce_(0, text_to_image, correct, reduce="amax")
+    t2i_rank = torch.zeros(m, dtype=torch.long)
+    i2t_rank = torch.zeros(n, dtype=torch.long)
+    for t0 in range(0, m, chunk):
+        text_block = text_emb[t0:t0 + chunk]
+        owners = text_to_image[t0:t0 + chunk, None]
+        for i0 in range(0, n, chunk):
+            scores = text_block @ image_emb[i0:i0 + chunk].T  # (ct, ci)
+            # own pairs never outrank themselves (a matmul and a row-wise dot may differ by an ulp)
+            other = owners != torch.arange(i0, i0 + scores.shape[1])[None, :]
+            t2i_rank[t0:t0 + chunk] += ((scores > correct[t0:t0 + chunk, None]) & other).sum(1)
+            i2t_rank[i0:i0 + chunk] += ((scores > best_own[None, i0:i0 + chunk]) & other).sum(0)
+    has_caption = torch.isfinite(best_own)
     out = {}
     for k in ks:
         out[f"t2i_R@{k}"] = (t2i_rank < k).float().mean().item()

@@ -1,0 +1,36 @@
+"""Shared helpers: side-by-side timing (interleaved A/B rounds, median ratio) and model setup."""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def side_by_side(a: Callable[[], None], b: Callable[[], None], rounds: int = 5, warmup: int = 1) -> dict:
+    """Time a and b alternately (a, b, a, b, ...) so machine noise hits both; seconds per call."""
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a()
+        times_a.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        b()
+        times_b.append(time.perf_counter() - start)
+    ma, mb = statistics.median(times_a), statistics.median(times_b)
+    return {"a_s": ma, "b_s": mb, "ratio_a_over_b": ma / mb}
+
+
+def demo_config(*overrides: str):
+    from proalign.config import load_config
+    os.chdir(ROOT)
+    return load_config(ROOT / "configs" / "demo.yaml", ["output_dir=/tmp/proalign-bench", *overrides])

@@ -1,0 +1,73 @@
+"""Chunked retrieval metrics vs the full similarity matrix: time and peak memory at two sizes
+(5 captions per image). Each measurement runs in a fresh process so peak RSS is its own.
+Target: chunked memory stays flat as N grows; the full matrix grows as N^2."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def full_matrix_metrics(image, text, owner, ks=(1, 5, 10)):
+    """Reference: materialise the whole (M, N) similarity matrix at once."""
+    import torch
+    sims = text @ image.T
+    t2i_rank = (sims > sims.gather(1, owner[:, None])).sum(1)
+    own = owner[None, :] == torch.arange(image.shape[0])[:, None]  # (N, M)
+    sims_t = sims.T
+    best = sims_t.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+    i2t_rank = (sims_t > best).sum(1)
+    return {**{f"t2i_R@{k}": (t2i_rank < k).float().mean().item() for k in ks},
+            **{f"i2t_R@{k}": (i2t_rank < k).float().mean().item() for k in ks}}
+
+
+def _measure(mode: str, n_images: int, dim: int) -> dict:
+    import resource
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from proalign.eval.retrieval import retrieval_metrics
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(n_images, dim, generator=g), dim=-1)
+    owner = torch.arange(n_images).repeat_interleave(5)
+    text = F.normalize(image[owner] + torch.randn(len(owner), dim, generator=g), dim=-1)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    metrics = retrieval_metrics(image, text, owner) if mode == "chunked" else full_matrix_metrics(image, text, owner)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"mode": mode, "images": n_images, "captions": len(owner), "seconds": seconds,
+            "extra_peak_mb": (peak - base) / 1024, "t2i_R@1": metrics["t2i_R@1"]}
+
+
+def run(sizes=(2500, 5000), dim: int = 512) -> dict:
+    rows = []
+    for n in sizes:
+        for mode in ("chunked", "full"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(n), str(dim)],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    by = {(r["mode"], r["images"]): r for r in rows}
+    small, large = sizes
+    assert abs(by[("chunked", large)]["t2i_R@1"] - by[("full", large)]["t2i_R@1"]) < 1e-6
+    return {"benchmark": f"retrieval metrics, chunked vs full matrix ({large}x{5 * large})", "rows": rows,
+            "memory_ratio_full_over_chunked": by[("full", large)]["extra_peak_mb"] /
+            max(1e-3, by[("chunked", large)]["extra_peak_mb"]),
+            "chunked_memory_growth": by[("chunked", large)]["extra_peak_mb"] /
+            max(1e-3, by[("chunked", small)]["extra_peak_mb"]),
+            "full_memory_growth": by[("full", large)]["extra_peak_mb"] / max(1e-3, by[("full", small)]["extra_peak_mb"]),
+            "time_ratio_chunked_over_full": by[("chunked", large)]["seconds"] / by[("full", large)]["seconds"],
+            "target": "chunked memory flat as N grows"}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(_measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    else:
+        ap = argparse.ArgumentParser(description=__doc__)
+        ap.add_argument("--sizes", type=int, nargs=2, default=[2500, 5000])
+        print(json.dumps(run(tuple(ap.parse_args().sizes)), indent=1))

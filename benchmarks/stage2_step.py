@@ -1,0 +1,85 @@
+"""Stage-2 step time vs a bare open_clip InfoNCE step (same image tower, adapter, batch and
+AdamW; no EMA teacher, no self-distillation). Target: <= 1.15x.
+
+Also splits our step into its parts (teacher forward, EMA update) to explain any overhead."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+from common import demo_config, side_by_side
+
+
+def _models(tower: str):
+    from proalign.models.proclip import ProCLIP
+    e5_width = "embedder.arch={hidden_size: 384}"  # the adapter's input width, without loading e5
+    if tower == "demo":
+        cfg = demo_config(e5_width)
+    else:  # open_clip's ViT-B-16 image tower, 224 px
+        cfg = demo_config(e5_width, "clip.model=ViT-B-16", "clip.arch=null", "data.image_size=224")
+    model = ProCLIP.from_config(cfg, load_embedder=False)
+    return cfg, model
+
+
+def run(tower: str = "demo", batch_size: int = 64, rounds: int = 5) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+    from proalign.tasks import Stage2Task
+    torch.manual_seed(0)
+    cfg, model = _models(tower)
+    size = cfg.data.image_size or 224
+    images = torch.randn(batch_size, 3, size, size)
+    llm = torch.randn(batch_size, model.adapter.in_dim)
+    batch = {"image": images, "llm": llm}
+
+    task = Stage2Task(model, cfg)
+    ours_opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5)
+
+    visual, adapter = copy.deepcopy(model.clip.visual), copy.deepcopy(model.adapter)
+    scale = torch.nn.Parameter(torch.tensor(1 / 0.07).log())
+    bare_params = [*visual.parameters(), *adapter.parameters(), scale]
+    bare_opt = torch.optim.AdamW(bare_params, lr=1e-5)
+    clip_loss = ClipLoss()
+
+    def ours():
+        loss, _ = task(batch)
+        ours_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_opt.step()
+        task.after_step()
+
+    def bare():
+        img = F.normalize(visual(images), dim=-1)
+        txt = F.normalize(adapter(llm), dim=-1)
+        loss = clip_loss(img, txt, scale.exp())
+        bare_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        bare_opt.step()
+
+    timing = side_by_side(ours, bare, rounds)
+    # where the extra time goes
+    parts = {}
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(rounds):
+            task.ema(images)
+        parts["teacher_forward_s"] = (time.perf_counter() - start) / rounds
+        start = time.perf_counter()
+        for _ in range(rounds):
+            task.ema.update(task.visual)
+        parts["ema_update_s"] = (time.perf_counter() - start) / rounds
+    return {"benchmark": f"stage-2 step vs bare open_clip step ({tower} tower, batch {batch_size})",
+            "ours_s": timing["a_s"], "bare_s": timing["b_s"], "ratio": timing["ratio_a_over_b"],
+            **parts, "teacher_forward_share_of_bare_step": parts["teacher_forward_s"] / timing["b_s"],
+            "target": "<= 1.15x"}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tower", choices=["demo", "vitb16"], default="demo")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    print(json.dumps(run(args.tower, args.batch_size), indent=1))

