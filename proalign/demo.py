@@ -55,6 +55,15 @@ def _evaluate(model: ProCLIP, cfg, name: str, llm_cache: dict, with_clip_text: b
     return rows
 
 
+def _load_or_run(model: ProCLIP, path: Path, what: str, resume: bool, run) -> None:
+    """Re-running the demo reuses a finished step's model file instead of training again."""
+    if path.exists() and not resume:
+        model.load(path)
+        print(f"[demo] reusing {what} {path}")
+    else:
+        run()
+
+
 def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resume: bool = False,
              progress: bool = True) -> Path:
     out = Path(output_dir)
@@ -82,12 +91,8 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     ids, feats, _ = pipeline.llm_cache(cfg1, model).load(cfg1.data.eval_shards)
     eval_cache = dict(zip(ids, feats))
     start = time.time()
-    stage1_path = out / "stage1.safetensors"
-    if stage1_path.exists() and not resume:
-        model.load(stage1_path)
-        print(f"[demo] reusing stage-1 model {stage1_path}")
-    else:
-        pipeline.run_stage1(cfg1, resume=resume, model=model, progress=progress)
+    _load_or_run(model, out / "stage1.safetensors", "stage-1 model", resume,
+                 lambda: pipeline.run_stage1(cfg1, resume=resume, model=model, progress=progress))
     timings["stage 1"] = time.time() - start
     start = time.time()
     rows = _evaluate(model, cfg1, "after stage 1", eval_cache, with_clip_text=True)
@@ -101,12 +106,8 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     timings["eval stage 2"] = time.time() - start
 
     start = time.time()
-    coop_path = out / "coop.safetensors"
-    if coop_path.exists() and not resume:
-        model.load(coop_path)
-        print(f"[demo] reusing CoOp head {coop_path}")
-    else:
-        pipeline.run_coop(cfg1, resume=resume, model=model, progress=progress)
+    _load_or_run(model, out / "coop.safetensors", "CoOp head", resume,
+                 lambda: pipeline.run_coop(cfg1, resume=resume, model=model, progress=progress))
     timings["CoOp head"] = time.time() - start
     start = time.time()
     rows += _evaluate(model, cfg1, "+ CoOp context", eval_cache, prompt=True)

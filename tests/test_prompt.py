@@ -185,3 +185,27 @@ def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny
     model.save(path)
     fresh = ProCLIP.from_config(tiny_cfg, embedder=model.embedder).load(path)
     assert torch.allclose(fresh.encode_text(names, prompt=True), learned, atol=1e-6)
+
+
+def test_coop_command_end_to_end(tiny_cfg):
+    """`run_coop` on the embedded emoji shards: trains, reports per language, saves the context."""
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from proalign import pipeline
+    tiny_cfg.coop.epochs = 1
+    tiny_cfg.coop.classes_per_step = 16
+    tiny_cfg.coop.train_shards = ["data_shards/emoji-train-000.tar"]
+    tiny_cfg.coop.eval_languages = ["en", "th", "am", "xx"]  # xx: no class has a name in it
+    tiny_cfg.data.max_eval_samples = 30
+    summary = pipeline.run_coop(tiny_cfg, progress=False)
+    out = Path(tiny_cfg.output_dir)
+    assert [r["language"] for r in summary["rows"]] == ["en", "th", "am"]
+    for row in summary["rows"]:
+        assert 0 <= row["acc hand-written"] <= 1 and 0 <= row["acc learned context"] <= 1
+        assert row["classes"] == 30
+    assert summary["rows"][0]["gap learned context"] == 0.0
+    text = (out / "coop_results.md").read_text()
+    assert "acc learned context" in text and "| th |" in text
+    assert (out / "coop_accuracy.png").stat().st_size > 0
+    weights = load_file(str(out / "coop.safetensors"))
+    assert weights["prompt.ctx"].shape == (4, 64)

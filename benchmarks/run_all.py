@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Run every benchmark and print ratios against their targets; writes benchmarks/results.json.
+
+    python benchmarks/run_all.py [--skip stage1_cache ...] [--vitb16]
+
+Each ratio is measured side by side within this one run (interleaved A/B rounds), never
+compared with numbers from another run or machine."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loader  # noqa: E402
+import retrieval_memory  # noqa: E402
+import stage1_cache  # noqa: E402
+import stage2_step  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["stage1_cache", "stage2_step", "loader", "retrieval"])
+    ap.add_argument("--vitb16", action="store_true", help="also time stage 2 with a ViT-B/16 tower (slow on CPU)")
+    args = ap.parse_args()
+    results, table = {}, []
+    start = time.time()
+    if "stage1_cache" not in args.skip:
+        r = results["stage1_cache"] = stage1_cache.run()
+        table.append(("stage-1 cache vs re-encode (e5-small)", f"{r['speedup']:.0f}x", ">= 50x", r["speedup"] >= 50))
+    if "stage2_step" not in args.skip:
+        towers = [("demo", 64)] + ([("vitb16", 8)] if args.vitb16 else [])
+        for tower, batch in towers:
+            r = results[f"stage2_step_{tower}"] = stage2_step.run(tower, batch)
+            table.append((f"stage-2 step / bare open_clip step ({tower}, bs {batch})", f"{r['ratio']:.2f}x",
+                          "<= 1.15x", r["ratio"] <= 1.15))
+    if "loader" not in args.skip:
+        r = results["loader"] = loader.run()
+        table.append(("loader rate / stage-2 consumption", f"{r['ratio']:.1f}x", ">= 2x", r["ratio"] >= 2))
+    if "retrieval" not in args.skip:
+        r = results["retrieval"] = retrieval_memory.run()
+        table.append(("retrieval peak memory, full / chunked (5k x 25k)", f"{r['memory_ratio_full_over_chunked']:.0f}x",
+                      "chunked flat", r["chunked_memory_growth"] < 1.5))
+        table.append(("chunked memory growth 2.5k -> 5k images", f"{r['chunked_memory_growth']:.2f}x",
+                      "~1x (flat)", r["chunked_memory_growth"] < 1.5))
+    width = max(len(t[0]) for t in table)
+    print(f"\n{'benchmark':<{width}}  {'measured':>9}  {'target':>12}  met")
+    for name, measured, target, met in table:
+        print(f"{name:<{width}}  {measured:>9}  {target:>12}  {'yes' if met else 'NO'}")
+    print(f"\n({time.time() - start:.0f} s)")
+    out = Path(__file__).resolve().parent / "results.json"
+    out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
