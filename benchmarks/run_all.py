@@ -37,6 +37,11 @@ def main() -> int:
             r = results[f"stage2_step_{tower}"] = stage2_step.run(tower, batch)
             table.append((f"stage-2 step / bare open_clip step ({tower}, bs {batch})", f"{r['ratio']:.2f}x",
                           "<= 1.15x", r["ratio"] <= 1.15))
+            table.append((f"  same, lambda_sd=0 (no teacher forward) ({tower})",
+                          f"{r['ratio_without_self_distillation']:.2f}x", "<= 1.15x",
+                          r["ratio_without_self_distillation"] <= 1.15))
+            table.append((f"  teacher forward / bare step ({tower})", f"{r['teacher_forward_share_of_bare_step']:.2f}",
+                          "(explains)", True))
     if "loader" not in args.skip:
         r = results["loader"] = loader.run()
         table.append(("loader rate / stage-2 consumption", f"{r['ratio']:.1f}x", ">= 2x", r["ratio"] >= 2))

@@ -3,10 +3,11 @@
 teacher (small English CLIP) -> stage 1 (multilingual-e5-small, English captions only) ->
 stage 2 -> CoOp head -> per-language emoji retrieval + long-caption retrieval for the CLIP text
 tower, after stage 1, after stage 2 and with the CoOp context. Re-running reuses the teacher,
-the embedding caches, the stage-1 model and the CoOp head.
+the embedding caches and the stage-1, stage-2 and CoOp model files (delete one to redo that step).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -99,7 +100,8 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     timings["eval stage 1"] = time.time() - start
 
     start = time.time()
-    pipeline.run_stage2(cfg1, resume=resume, model=model, progress=progress)
+    _load_or_run(model, out / "stage2.safetensors", "stage-2 model", resume,
+                 lambda: pipeline.run_stage2(cfg1, resume=resume, model=model, progress=progress))
     timings["stage 2"] = time.time() - start
     start = time.time()
     rows += _evaluate(model, cfg1, "after stage 2", eval_cache)
@@ -118,10 +120,36 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     return out / "results.md"
 
 
+def _summary_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        others = [r for r in mine if r["language"] != "en"]
+        english = [r for r in mine if r["language"] == "en"]
+        for direction in ("t2i", "i2t"):
+            row = {"model": model, "direction": direction}
+            if english:
+                row["R@1 en"] = english[0][f"{direction}_R@1"]
+            for k in (1, 5, 10):
+                if others:
+                    row[f"R@{k} non-en"] = sum(r[f"{direction}_R@{k}"] for r in others) / len(others)
+            out.append(row)
+    return out
+
+
 def _write_report(out: Path, rows: list[dict], timings: dict) -> None:
+    with (out / "demo_rows.jsonl").open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     emoji = [r for r in rows if r["dataset"].startswith("emoji")]
     other = [r for r in rows if not r["dataset"].startswith("emoji")]
     parts = ["# proalign demo results", "",
+             f"Held-out emoji: {len({r['images'] for r in emoji})} image set(s) of "
+             f"{max((r['images'] for r in emoji), default=0)} emoji; chance R@1 = "
+             f"{1 / max(1, max((r['images'] for r in emoji), default=1)):.4f}.", "",
+             "Mean over languages (English alone, and the non-English mean):", "",
+             markdown_table(_summary_rows(emoji), ["model", "direction", "R@1 en", "R@1 non-en", "R@5 non-en",
+                                                   "R@10 non-en"]), "",
              "Zero-shot multilingual emoji retrieval (held-out emoji; CLDR names; every model saw only "
              "English captions in training). Text→image R@1 per language:", "",
              language_table(emoji, "t2i_R@1"), "", "Image→text R@1 per language:", "",

@@ -25,9 +25,13 @@ def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     """The N(N-1)/2 upper-triangle L2 distances; safe gradient at zero distance."""
     n = x.shape[0]
     i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-    diff = x[i] - x[j]
+    # |a-b|^2 = |a|^2 + |b|^2 - 2ab from one (N, N) Gram matrix: no (N^2/2, D) difference tensor,
+    # which made the loss 4x slower than the adapter step itself.
+    gram = x @ x.T
+    sq = gram.diagonal()
+    dist2 = (sq[i] + sq[j] - 2.0 * gram[i, j])
     # sqrt(0) has an infinite gradient; the tiny floor keeps identical rows finite.
-    return diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()
+    return dist2.clamp_min(1e-12).sqrt()
 
 
 def structure_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -263,3 +263,47 @@ def test_shard_builder_emoji_split(tmp_path):
     assert not set(split["emoji-train-000.tar"]) & set(split["emoji-test-000.tar"])  # split by emoji
     assert all(set(m["captions"]) == {"en"} for m in split["emoji-train-000.tar"].values())
     assert sum(len(m["captions"]) >= 20 for m in split["emoji-test-000.tar"].values()) > 0.9 * len(split["emoji-test-000.tar"])
+
+
+# ----------------------------------------------------------------------------- training stream
+
+def _stream_shard(tmp_path):
+    """A shard with good samples, a corrupt image, a sample without captions and bad JSON."""
+    import io
+    import tarfile
+    path = tmp_path / "mixed-000.tar"
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(good, format="JPEG")
+    members = []
+    for i in range(10):
+        members += [(f"s{i:02d}.jpg", good.getvalue()), (f"s{i:02d}.json", json.dumps({"captions": {"en": [f"cap {i}"]}}).encode())]
+    members += [("bad.jpg", b"not a jpeg"), ("bad.json", json.dumps({"captions": {"en": ["broken image"]}}).encode()),
+                ("empty.jpg", good.getvalue()), ("empty.json", json.dumps({"captions": {"en": ["  "]}}).encode()),
+                ("junk.jpg", good.getvalue()), ("junk.json", b"{nope")]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_counts_skips_and_resumes_at_the_same_batch(tmp_path, workers):
+    from proalign.data.shards import Batcher, ImageTextStream
+    import torchvision.transforms as T
+    shard = _stream_shard(tmp_path)
+    preprocess = T.Compose([T.RandomResizedCrop(4), T.ToTensor()])
+    stream = ImageTextStream([str(shard)], preprocess, ["en"], seed=3, shuffle_buffer=4)
+    batcher = Batcher(stream, 4, num_workers=workers)
+    batches = [batcher.next_batch() for _ in range(6)]
+    assert all(b["image"].shape == (4, 3, 4, 4) for b in batches)
+    epochs = 24 // 10 + 1
+    assert batcher.skips["bad_image"] >= 1 and batcher.skips["no_caption"] >= 1 and batcher.skips["bad_json"] >= 1
+    assert batcher.skips["bad_image"] <= epochs
+    resumed = Batcher(ImageTextStream([str(shard)], preprocess, ["en"], seed=3, shuffle_buffer=4), 4,
+                      num_workers=workers, start_sample=12)
+    for expected in batches[3:]:
+        got = resumed.next_batch()
+        assert got["caption_id"] == expected["caption_id"]
+        assert torch.equal(got["image"], expected["image"])  # same augmentation after a resume

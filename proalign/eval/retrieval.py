@@ -24,7 +24,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n:
         raise ValueError("text_to_image holds an index outside the image set")
     # score of each caption with its own image, and each image's best own caption
-    correct = (text_emb * image_emb[text_to_image]).sum(-1)
+    correct = torch.cat([(text_emb[t0:t0 + chunk] * image_emb[text_to_image[t0:t0 + chunk]]).sum(-1)
+                         for t0 in range(0, m, chunk)])
     best_own = torch.full((n,), float("-inf"), dtype=correct.dtype)
     best_own.scatter_reduce_(0, text_to_image, correct, reduce="amax")
     t2i_rank = torch.zeros(m, dtype=torch.long)
