@@ -119,8 +119,11 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
                **{f"after_{k}": v for k, v in after.items()}}
     _append_summary(cfg, summary)
     if before:
-        print(f"stage2: held-out image->text R@1 {before['i2t_R@1']:.3f} -> {after['i2t_R@1']:.3f}, "
-              f"text->image R@1 {before['t2i_R@1']:.3f} -> {after['t2i_R@1']:.3f}")
+        print("stage2: held-out retrieval, before -> after")
+        for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+            cells = ", ".join(f"R@{k} {before[f'{direction}_R@{k}']:.3f} -> {after[f'{direction}_R@{k}']:.3f}"
+                              for k in (1, 5, 10))
+            print(f"  {label}: {cells}")
     return summary
 
 
