@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def side_by_side(a: Callable[[], None], b: Callable[[], None], rounds: int = 5, warmup: int = 1) -> dict:
-    """Time a and b alternately (a, b, a, b, ...) so machine noise hits both; seconds per call."""
+    """Time a and b alternately (a, b, a, b, ...) so machine noise hits both; seconds per call.
+    The ratio is the median of the per-round ratios, so a slow spell spoils one pair, not the result."""
     for _ in range(warmup):
         a()
         b()
@@ -26,8 +27,9 @@ def side_by_side(a: Callable[[], None], b: Callable[[], None], rounds: int = 5, 
         start = time.perf_counter()
         b()
         times_b.append(time.perf_counter() - start)
-    ma, mb = statistics.median(times_a), statistics.median(times_b)
-    return {"a_s": ma, "b_s": mb, "ratio_a_over_b": ma / mb}
+    ratios = [ta / tb for ta, tb in zip(times_a, times_b)]
+    return {"a_s": statistics.median(times_a), "b_s": statistics.median(times_b),
+            "ratio_a_over_b": statistics.median(ratios), "ratio_spread": (min(ratios), max(ratios))}
 
 
 def demo_config(*overrides: str):

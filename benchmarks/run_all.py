@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark and print ratios against their targets; writes benchmarks/results.json.
 
-    python benchmarks/run_all.py [--skip stage1_cache ...] [--vitb16]
+    python benchmarks/run_all.py [--skip stage1_cache ...] [--vitb16] [--demo]
 
 Each ratio is measured side by side within this one run (interleaved A/B rounds), never
 compared with numbers from another run or machine."""
@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import demo_run  # noqa: E402
 import loader  # noqa: E402
 import retrieval_memory  # noqa: E402
 import stage1_cache  # noqa: E402
@@ -25,6 +26,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--skip", nargs="*", default=[], choices=["stage1_cache", "stage2_step", "loader", "retrieval"])
     ap.add_argument("--vitb16", action="store_true", help="also time stage 2 with a ViT-B/16 tower (slow on CPU)")
+    ap.add_argument("--demo", action="store_true", help="also run `proalign demo` from scratch (~10 min)")
     args = ap.parse_args()
     results, table = {}, []
     start = time.time()
@@ -32,9 +34,9 @@ def main() -> int:
         r = results["stage1_cache"] = stage1_cache.run()
         table.append(("stage-1 cache vs re-encode (e5-small)", f"{r['speedup']:.0f}x", ">= 50x", r["speedup"] >= 50))
     if "stage2_step" not in args.skip:
-        towers = [("demo", 64)] + ([("vitb16", 8)] if args.vitb16 else [])
-        for tower, batch in towers:
-            r = results[f"stage2_step_{tower}"] = stage2_step.run(tower, batch)
+        towers = [("demo", 64, 15)] + ([("vitb16", 8, 6)] if args.vitb16 else [])
+        for tower, batch, rounds in towers:
+            r = results[f"stage2_step_{tower}"] = stage2_step.run(tower, batch, rounds)
             table.append((f"stage-2 step / bare open_clip step ({tower}, bs {batch})", f"{r['ratio']:.2f}x",
                           "<= 1.15x", r["ratio"] <= 1.15))
             table.append((f"  same, lambda_sd=0 (no teacher forward) ({tower})",
@@ -48,13 +50,27 @@ def main() -> int:
     if "retrieval" not in args.skip:
         r = results["retrieval"] = retrieval_memory.run()
         table.append(("retrieval peak memory, full / chunked (5k x 25k)", f"{r['memory_ratio_full_over_chunked']:.0f}x",
-                      "chunked flat", r["chunked_memory_growth"] < 1.5))
-        table.append(("chunked memory growth 2.5k -> 5k images", f"{r['chunked_memory_growth']:.2f}x",
-                      "~1x (flat)", r["chunked_memory_growth"] < 1.5))
-    width = max(len(t[0]) for t in table)
-    print(f"\n{'benchmark':<{width}}  {'measured':>9}  {'target':>12}  met")
+                      "(full ~N^2)", True))
+        chunked = [row for row in r["rows"] if row["mode"] == "chunked"]
+        sizes = " / ".join(f"{row['images'] // 1000 if row['images'] % 1000 == 0 else row['images'] / 1000}k"
+                           for row in chunked)
+        peaks = [row["extra_peak_mb"] for row in chunked]
+        # flat: bounded by the block size, not by N (allocator noise moves it by tens of MB)
+        table.append((f"chunked extra peak MB at {sizes} images", " / ".join(f"{p:.0f}" for p in peaks),
+                      f"< {retrieval_memory.FLAT_BOUND_MB} MB each", max(peaks) < retrieval_memory.FLAT_BOUND_MB))
+        table.append(("  full-matrix memory growth 2.5k -> 5k images", f"{r['full_memory_growth']:.2f}x",
+                      "(~4x)", True))
+    if args.demo:
+        r = results["demo"] = demo_run.run()
+        table.append(("proalign demo total (2 CPU cores)", f"{r['wall_s'] / 60:.1f} min", "<= 15 min", r["wall_s"] <= 900))
+        table.append(("  demo peak RSS", f"{r['peak_rss_gb']:.2f} GB", "(reported)", True))
+        for step, seconds in r["steps_s"].items():
+            if step != "total":
+                table.append((f"  demo step: {step}", f"{seconds:.0f} s", "", True))
+    width, mwidth, twidth = (max(len(t[i]) for t in table) for i in range(3))
+    print(f"\n{'benchmark':<{width}}  {'measured':>{mwidth}}  {'target':>{twidth}}  met")
     for name, measured, target, met in table:
-        print(f"{name:<{width}}  {measured:>9}  {target:>12}  {'yes' if met else 'NO'}")
+        print(f"{name:<{width}}  {measured:>{mwidth}}  {target:>{twidth}}  {('yes' if met else 'NO') if target else ''}")
     print(f"\n({time.time() - start:.0f} s)")
     out = Path(__file__).resolve().parent / "results.json"
     out.write_text(json.dumps(results, indent=1, default=float) + "\n")

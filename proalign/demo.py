@@ -164,6 +164,7 @@ def _write_report(out: Path, rows: list[dict], timings: dict) -> None:
     parts += ["Time per step (seconds):", "",
               markdown_table([{"step": k, "seconds": round(v, 1)} for k, v in timings.items()], ["step", "seconds"]), ""]
     (out / "results.md").write_text("\n".join(parts))
+    (out / "timings.json").write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=1) + "\n")
     plot_languages(emoji, out / "emoji_t2i_r1.png", "t2i_R@1", "Emoji retrieval, text→image R@1")
     print("\n".join(parts))
     print(f"[demo] wrote {out / 'results.md'} and {out / 'emoji_t2i_r1.png'}")

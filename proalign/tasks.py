@@ -176,14 +176,15 @@ class Stage2Task(_StreamMixin, StageTask):
         contrastive = infonce_loss(image, text, scale)
         if self.lambda_sd == 0:  # no self-distillation: skip the teacher's forward pass
             return contrastive, {"loss_clip": contrastive.detach(), "logit_scale": scale.detach()}
-        with torch.no_grad():
+        with torch.no_grad(), torch.profiler.record_function("stage2/teacher_forward"):
             ema_image = self.ema(images)
         sd, parts = self_distillation_loss(image, ema_image, self.reduction)
         loss = contrastive + self.lambda_sd * sd
         return loss, {"loss_clip": contrastive.detach(), **parts, "logit_scale": scale.detach()}
 
     def after_step(self) -> None:
-        self.ema.update(self.visual)
+        with torch.profiler.record_function("stage2/ema_update"):
+            self.ema.update(self.visual)
         self.logit_scale.clamp_()
 
     def export_logit_scale(self, clip: nn.Module) -> None:

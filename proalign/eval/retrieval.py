@@ -30,15 +30,28 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     best_own.scatter_reduce_(0, text_to_image, correct, reduce="amax")
     t2i_rank = torch.zeros(m, dtype=torch.long)
     i2t_rank = torch.zeros(n, dtype=torch.long)
+    # Block buffers reused across the loop: no per-block allocation, so resident memory does not
+    # depend on how the allocator recycles freed blocks.
+    rows, cols = min(chunk, m), min(chunk, n)
+    scores_buf = torch.empty(rows, cols, dtype=correct.dtype)
+    beats_buf = torch.empty(rows, cols, dtype=torch.bool)
+    other_buf = torch.empty(rows, cols, dtype=torch.bool)
+    image_index = torch.arange(n)
     for t0 in range(0, m, chunk):
         text_block = text_emb[t0:t0 + chunk]
-        owners = text_to_image[t0:t0 + chunk, None]
+        ct = text_block.shape[0]
+        owners = text_to_image[t0:t0 + ct, None]
         for i0 in range(0, n, chunk):
-            scores = text_block @ image_emb[i0:i0 + chunk].T  # (ct, ci)
+            image_block = image_emb[i0:i0 + chunk]
+            ci = image_block.shape[0]
+            scores, beats, other = scores_buf[:ct, :ci], beats_buf[:ct, :ci], other_buf[:ct, :ci]
+            torch.mm(text_block, image_block.T, out=scores)
             # own pairs never outrank themselves (a matmul and a row-wise dot may differ by an ulp)
-            other = owners != torch.arange(i0, i0 + scores.shape[1])[None, :]
-            t2i_rank[t0:t0 + chunk] += ((scores > correct[t0:t0 + chunk, None]) & other).sum(1)
-            i2t_rank[i0:i0 + chunk] += ((scores > best_own[None, i0:i0 + chunk]) & other).sum(0)
+            torch.ne(owners, image_index[None, i0:i0 + ci], out=other)
+            torch.gt(scores, correct[t0:t0 + ct, None], out=beats).logical_and_(other)
+            t2i_rank[t0:t0 + ct] += beats.sum(1)
+            torch.gt(scores, best_own[None, i0:i0 + ci], out=beats).logical_and_(other)
+            i2t_rank[i0:i0 + ci] += beats.sum(0)
     has_caption = torch.isfinite(best_own)
     out = {}
     for k in ks:
