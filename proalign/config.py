@@ -313,7 +313,18 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    """YAML value of an override. Mappings only in flow style (``{a: 1}``): ``prefix=query: `` is
+    the string "query: ", not {query: None}. Text YAML cannot parse stays a string (the typed
+    config then says whether a string is allowed there)."""
+    if text == "":
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, dict) and not text.lstrip().startswith("{"):
+        return text
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

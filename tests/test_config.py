@@ -53,6 +53,12 @@ def test_set_overrides(tmp_path):
     assert cfg.stage1.train.optim.lr == 0.5 and cfg.adapter.num_blocks == 3
     with pytest.raises(ConfigError, match=r"adapter\.expansion"):
         load_config(ROOT / "configs" / "tiny-cpu.yaml", ["adapter.expansion=0"])
+    # "query: " is a prefix string, not the mapping {query: None}; flow mappings still parse
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["embedder.query_prefix=query: ",
+                                                           "embedder.arch={hidden_size: 32}"])
+    assert cfg.embedder.query_prefix == "query: " and cfg.embedder.arch["hidden_size"] == 32
+    with pytest.raises(ConfigError, match=r"adapter\.num_blocks"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["adapter.num_blocks=a: b: c"])
 
 
 def test_cli_bad_config_fails_fast(tmp_path):
