@@ -7,6 +7,8 @@ the embedding caches and the stage-1, stage-2 and CoOp model files (delete one t
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import time
@@ -65,6 +67,19 @@ def _load_or_run(model: ProCLIP, path: Path, what: str, resume: bool, run) -> No
         run()
 
 
+class _StepTimer:
+    """`with step("name"):` records the block's wall time under that name."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.time()
+        yield
+        self.timings[name] = time.time() - start
+
+
 def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resume: bool = False,
              progress: bool = True) -> Path:
     out = Path(output_dir)
@@ -72,48 +87,37 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     timings: dict[str, float] = {}
     total = time.time()
 
-    start = time.time()
+    step = _StepTimer(timings)
     teacher_path = out / "teacher.safetensors"
-    if teacher_path.exists() and not resume:
-        print(f"[demo] reusing trained teacher {teacher_path}")
-    else:
-        pipeline.run_teacher(cfg, resume=resume, progress=progress)
-    timings["teacher CLIP"] = time.time() - start
+    with step("teacher CLIP"):
+        if teacher_path.exists() and not resume:
+            print(f"[demo] reusing trained teacher {teacher_path}")
+        else:
+            pipeline.run_teacher(cfg, resume=resume, progress=progress)
 
-    start = time.time()
-    cfg1 = load_config(config or DEFAULT_CONFIG, [f"output_dir={out}", f"clip.checkpoint={teacher_path}",
-                                                   *(overrides or [])])
-    model = ProCLIP.from_config(cfg1)
-    timings["load embedder"] = time.time() - start
-    start = time.time()
-    pipeline.build_caches(cfg1, model, progress=progress)
-    timings["embedding cache"] = time.time() - start
-
+    with step("load embedder"):
+        cfg1 = load_config(config or DEFAULT_CONFIG, [f"output_dir={out}", f"clip.checkpoint={teacher_path}",
+                                                       *(overrides or [])])
+        model = ProCLIP.from_config(cfg1)
+    with step("embedding cache"):
+        pipeline.build_caches(cfg1, model, progress=progress)
     ids, feats, _ = pipeline.llm_cache(cfg1, model).load(cfg1.data.eval_shards)
     eval_cache = dict(zip(ids, feats))
-    start = time.time()
-    _load_or_run(model, out / "stage1.safetensors", "stage-1 model", resume,
-                 lambda: pipeline.run_stage1(cfg1, resume=resume, model=model, progress=progress))
-    timings["stage 1"] = time.time() - start
-    start = time.time()
-    rows = _evaluate(model, cfg1, "after stage 1", eval_cache, with_clip_text=True)
-    timings["eval stage 1"] = time.time() - start
 
-    start = time.time()
-    _load_or_run(model, out / "stage2.safetensors", "stage-2 model", resume,
-                 lambda: pipeline.run_stage2(cfg1, resume=resume, model=model, progress=progress))
-    timings["stage 2"] = time.time() - start
-    start = time.time()
-    rows += _evaluate(model, cfg1, "after stage 2", eval_cache)
-    timings["eval stage 2"] = time.time() - start
-
-    start = time.time()
-    _load_or_run(model, out / "coop.safetensors", "CoOp head", resume,
-                 lambda: pipeline.run_coop(cfg1, resume=resume, model=model, progress=progress))
-    timings["CoOp head"] = time.time() - start
-    start = time.time()
-    rows += _evaluate(model, cfg1, "+ CoOp context", eval_cache, prompt=True)
-    timings["eval CoOp"] = time.time() - start
+    rows: list[dict] = []
+    # (step, model file, what it is, how to train it, eval step, row label, prompt context on)
+    stages = [("stage 1", "stage1.safetensors", "stage-1 model", pipeline.run_stage1,
+               "eval stage 1", "after stage 1", False),
+              ("stage 2", "stage2.safetensors", "stage-2 model", pipeline.run_stage2,
+               "eval stage 2", "after stage 2", False),
+              ("CoOp head", "coop.safetensors", "CoOp head", pipeline.run_coop,
+               "eval CoOp", "+ CoOp context", True)]
+    for name, filename, what, run_stage, eval_name, label, prompt in stages:
+        with step(name):
+            _load_or_run(model, out / filename, what, resume,
+                         functools.partial(run_stage, cfg1, resume=resume, model=model, progress=progress))
+        with step(eval_name):  # the CLIP text tower is evaluated once, with the first rows
+            rows += _evaluate(model, cfg1, label, eval_cache, with_clip_text=not rows, prompt=prompt)
     timings["total"] = time.time() - total
 
     _write_report(out, rows, timings)
