@@ -52,8 +52,7 @@ def main() -> int:
         table.append(("retrieval peak memory, full / chunked (5k x 25k)", f"{r['memory_ratio_full_over_chunked']:.0f}x",
                       "(full ~N^2)", True))
         chunked = [row for row in r["rows"] if row["mode"] == "chunked"]
-        sizes = " / ".join(f"{row['images'] // 1000 if row['images'] % 1000 == 0 else row['images'] / 1000}k"
-                           for row in chunked)
+        sizes = " / ".join(f"{row['images'] / 1000:g}k" for row in chunked)
         peaks = [row["extra_peak_mb"] for row in chunked]
         # flat: bounded by the block size, not by N (allocator noise moves it by tens of MB)
         table.append((f"chunked extra peak MB at {sizes} images", " / ".join(f"{p:.0f}" for p in peaks),

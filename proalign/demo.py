@@ -67,17 +67,12 @@ def _load_or_run(model: ProCLIP, path: Path, what: str, resume: bool, run) -> No
         run()
 
 
-class _StepTimer:
-    """`with step("name"):` records the block's wall time under that name."""
-
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.time()
-        yield
-        self.timings[name] = time.time() - start
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
+    """Record the block's wall time in timings[name]."""
+    start = time.time()
+    yield
+    timings[name] = time.time() - start
 
 
 def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resume: bool = False,
@@ -87,19 +82,18 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     timings: dict[str, float] = {}
     total = time.time()
 
-    step = _StepTimer(timings)
     teacher_path = out / "teacher.safetensors"
-    with step("teacher CLIP"):
+    with _timed(timings, "teacher CLIP"):
         if teacher_path.exists() and not resume:
             print(f"[demo] reusing trained teacher {teacher_path}")
         else:
             pipeline.run_teacher(cfg, resume=resume, progress=progress)
 
-    with step("load embedder"):
+    with _timed(timings, "load embedder"):
         cfg1 = load_config(config or DEFAULT_CONFIG, [f"output_dir={out}", f"clip.checkpoint={teacher_path}",
                                                        *(overrides or [])])
         model = ProCLIP.from_config(cfg1)
-    with step("embedding cache"):
+    with _timed(timings, "embedding cache"):
         pipeline.build_caches(cfg1, model, progress=progress)
     ids, feats, _ = pipeline.llm_cache(cfg1, model).load(cfg1.data.eval_shards)
     eval_cache = dict(zip(ids, feats))
@@ -113,10 +107,10 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
               ("CoOp head", "coop.safetensors", "CoOp head", pipeline.run_coop,
                "eval CoOp", "+ CoOp context", True)]
     for name, filename, what, run_stage, eval_name, label, prompt in stages:
-        with step(name):
+        with _timed(timings, name):
             _load_or_run(model, out / filename, what, resume,
                          functools.partial(run_stage, cfg1, resume=resume, model=model, progress=progress))
-        with step(eval_name):  # the CLIP text tower is evaluated once, with the first rows
+        with _timed(timings, eval_name):  # the CLIP text tower is evaluated once, with the first rows
             rows += _evaluate(model, cfg1, label, eval_cache, with_clip_text=not rows, prompt=prompt)
     timings["total"] = time.time() - total
 
