@@ -10,42 +10,58 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def instance_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """sum_i ||s_i - t_i||^2 on normalised rows. `sum` scales with batch size; `mean` divides by N."""
-    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
-    per_row = (s - t).pow(2).sum(-1)
+REDUCTIONS = ("sum", "mean")
+
+
+def _reduce(per_element: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
-        return per_row.sum()
+        return per_element.sum()
     if reduction == "mean":
-        return per_row.mean()
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        return per_element.mean()
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def instance_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """sum_i ||s_i - t_i||^2 on normalised rows (the reference's `mse_loss(reduction='sum')`).
+    `sum` scales with the batch size N; `mean` is the mean over the N rows."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    return _reduce((s - t).pow(2).sum(-1), reduction)
 
 
 def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """The N(N-1)/2 upper-triangle L2 distances; safe gradient at zero distance."""
+    """The N(N-1)/2 upper-triangle L2 distances (F.pdist order); safe gradient at zero distance.
+
+    |a-b|^2 = |a|^2 + |b|^2 - 2ab from one (N, N) Gram matrix: no (N^2/2, D) difference tensor,
+    which made the loss 4x slower than the adapter step itself. The Gram matrix is taken in
+    float64: in float32 the cancellation for near-duplicate rows costs up to 1e-3 in distance and
+    more than the whole gradient at separations <= 1e-3."""
     n = x.shape[0]
     i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-    # |a-b|^2 = |a|^2 + |b|^2 - 2ab from one (N, N) Gram matrix: no (N^2/2, D) difference tensor,
-    # which made the loss 4x slower than the adapter step itself.
+    x = x.double()
     gram = x @ x.T
     sq = gram.diagonal()
-    dist2 = (sq[i] + sq[j] - 2.0 * gram[i, j])
+    dist2 = sq[i] + sq[j] - 2.0 * gram[i, j]
     # sqrt(0) has an infinite gradient; the tiny floor keeps identical rows finite.
-    return dist2.clamp_min(1e-12).sqrt()
+    return dist2.clamp_min(1e-24).sqrt()
 
 
-def structure_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """smooth_L1(pdist(S), pdist(T)) over in-batch pairs; 0 for a batch of one."""
+def structure_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """smooth_L1(pdist(S), pdist(T)), beta 1, over the N(N-1)/2 in-batch pairs; 0 for a batch of one.
+    `sum` is the reference's `reduction='sum'` (grows with N^2); `mean` is the mean over pairs."""
     if student.shape[0] < 2:
         return student.sum() * 0.0
-    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
-    return F.smooth_l1_loss(_pairwise_distances(s), _pairwise_distances(t))
+    # float64 throughout (also under autocast): the distances of near-identical rows need it.
+    with torch.autocast(student.device.type, enabled=False):
+        s = F.normalize(student.double(), dim=-1)
+        t = F.normalize(teacher.double(), dim=-1)
+        per_pair = F.smooth_l1_loss(_pairwise_distances(s), _pairwise_distances(t), reduction="none", beta=1.0)
+        return _reduce(per_pair, reduction).to(student.dtype)
 
 
 def distillation_loss(student, teacher, w_instance=1.0, w_structure=1.0, reduction="sum"):
-    """w_ins * L_ins + w_struct * L_struct; returns (total, parts)."""
+    """w_ins * L_ins + w_struct * L_struct, both reduced by `reduction`; returns (total, parts)."""
     ins = instance_loss(student, teacher, reduction)
-    struct = structure_loss(student, teacher)
+    struct = structure_loss(student, teacher, reduction)
     return w_instance * ins + w_structure * struct, {"loss_instance": ins.detach(), "loss_structure": struct.detach()}
 
 
@@ -97,22 +113,22 @@ def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reducti
     return total, {"sd_instance": parts["loss_instance"], "sd_structure": parts["loss_structure"]}
 
 
-
 class LogitScale(nn.Module):
     """Learnable inverse temperature, stored as a log in a (1,)-shaped parameter (DeepSpeed
-    cannot broadcast 0-dim parameters) and clamped at `maximum` after each optimizer step."""
+    cannot broadcast 0-dim parameters) and clamped to [ln minimum, ln maximum] after each
+    optimizer step; the reference clamps the log to [0, ln 100]."""
 
-    def __init__(self, init: float = 1.0 / 0.07, maximum: float = 100.0):
+    def __init__(self, init: float = 1.0 / 0.07, maximum: float = 100.0, minimum: float = 1.0):
         super().__init__()
         self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
-        self.max_log = math.log(maximum)
+        self.min_log, self.max_log = math.log(minimum), math.log(maximum)
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.exp()
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        self.log_scale.clamp_(max=self.max_log)
+        self.log_scale.clamp_(self.min_log, self.max_log)
 
     @torch.no_grad()
     def export_to(self, clip: nn.Module) -> None:
