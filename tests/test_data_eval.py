@@ -24,10 +24,19 @@ def _jpg(path: Path, colour=(200, 30, 30)):
 
 # ----------------------------------------------------------------------------- fixtures per format
 
+def _xm3600_block(*captions: str) -> dict:
+    """One language block as the published captions.jsonl writes it."""
+    return {"caption": list(captions), "caption/tokenized": [c.lower() for c in captions],
+            "caption/tokenized/lowercase": [c.lower() for c in captions]}
+
+
 def _xm3600(root: Path) -> Path:
-    rows = [{"image/key": "000411001ff7dd4f", "en": {"caption": ["a dog on a beach", "a brown dog"]},
-             "de": {"caption": ["ein Hund am Strand"], "caption/tokenized": ["ein hund am strand"]}},
-            {"image/key": "00055fd6e3b4b6b6", "en": {"caption": ["two cups of tea"]}, "th": {"caption": ["ชาสองถ้วย"]}}]
+    """Lines shaped like the published Crossmodal-3600 captions.jsonl: `image/key`, `image/locale`
+    (a plain string) and one block per language; not every image has every language."""
+    rows = [{"image/key": "000411001ff7dd4f", "image/locale": "bn",
+             "en": _xm3600_block("a dog on a beach", "a brown dog"), "de": _xm3600_block("ein Hund am Strand")},
+            {"image/key": "00055fd6e3b4b6b6", "image/locale": "th",
+             "en": _xm3600_block("two cups of tea"), "th": _xm3600_block("ชาสองถ้วย")}]
     (root / "captions.jsonl").parent.mkdir(parents=True, exist_ok=True)
     (root / "captions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     for r in rows:
@@ -92,6 +101,15 @@ def test_xm3600_reader(tmp_path):
     assert records[1].captions["th"] == ["ชาสองถ้วย"]
     only_de = read_dataset("xm3600", tmp_path / "xm", languages=["de"])
     assert only_de[0].captions == {"de": ["ein Hund am Strand"]} and only_de[1].captions == {}
+    assert all(not lang.startswith("image/") for r in records for lang in r.captions)
+
+
+def test_xm3600_language_block_without_caption_list_is_named(tmp_path):
+    root = _xm3600(tmp_path / "xm")
+    row = {"image/key": "000411001ff7dd4f", "image/locale": "bn", "fr": {"caption/tokenized": ["un chien"]}}
+    (root / "captions.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"captions.jsonl:1: language 'fr' should hold"):
+        read_dataset("xm3600", root)
 
 
 def test_urban1k_sharegpt4v_docci_dci_jsonl_readers(tmp_path):

@@ -3,7 +3,8 @@
 Each returns a list of `Record(key, image_path, captions)` with `captions` mapping language ->
 list of captions. Errors name the file (and line) at fault:
 
-- `xm3600`:     <root>/captions.jsonl (one record per image: `image/key`, `<lang>: {caption: [...]}`)
+- `xm3600`:     <root>/captions.jsonl (one record per image: `image/key`, `image/locale`,
+                `<lang>: {caption: [...], caption/tokenized: [...], ...}`)
                 + <root>/images/<key>.jpg
 - `urban1k`:    <root>/caption/<n>.txt + <root>/image/<n>.jpg
 - `sharegpt4v`: a json list of `{"image": path, "conversations": [..., {"from": "gpt", "value": caption}]}`,
@@ -86,7 +87,8 @@ def read_xm3600(root: str | Path, languages: Optional[Sequence[str]] = None) -> 
         key = _field(row, "image/key", where)
         captions = {}
         for lang, block in row.items():
-            if lang == "image/key" or (languages and lang not in languages):
+            # `image/key`, `image/locale`, ...: per-image metadata, not languages
+            if lang.startswith("image/") or (languages and lang not in languages):
                 continue
             if not isinstance(block, dict) or not isinstance(block.get("caption"), list):
                 raise DatasetFormatError(f"{where}: language {lang!r} should hold {{'caption': [...]}}")
