@@ -43,18 +43,20 @@ def _cached_text_encoder(model: ProCLIP, cache: dict[str, torch.Tensor]):
 def _evaluate(model: ProCLIP, cfg, name: str, llm_cache: dict, with_clip_text: bool = False,
               prompt: bool = False) -> list[dict]:
     model.eval()
-    encoders = {}
+    encoders, truncation = {}, {}
     if with_clip_text:
         encoders["CLIP text tower"] = lambda texts, ids: model.encode_text_clip(texts)
+        truncation["CLIP text tower"] = functools.partial(model.count_truncated, tower="clip")
     if prompt:
         encoders[name] = lambda texts, ids: model.encode_text(texts, prompt=True, batch_size=256)
     else:
         encoders[name] = _cached_text_encoder(model, llm_cache)
+    truncation[name] = functools.partial(model.count_truncated, tower="prompt" if prompt else "llm")
     rows = []
     for shard in cfg.data.eval_shards:
         dataset = Path(shard).name.split("-0")[0]
         rows += evaluate_retrieval(lambda x: model.encode_image(x), encoders, [shard], model.preprocess_eval,
-                                   None, cfg.data.max_eval_samples, dataset)
+                                   None, cfg.data.max_eval_samples, dataset, truncation)
     return rows
 
 
@@ -153,7 +155,8 @@ def _write_report(out: Path, rows: list[dict], timings: dict) -> None:
              language_table(emoji, "i2t_R@1"), "", "![per-language R@1](emoji_t2i_r1.png)", ""]
     if other:
         parts += ["Long-caption retrieval (clip-art descriptions):", "",
-                  markdown_table(other, ["dataset", "model", "images", "t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5"]), ""]
+                  markdown_table(other, ["dataset", "model", "images", "truncated", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+                                         "i2t_R@1", "i2t_R@5", "i2t_R@10"]), ""]
     coop = out / "coop_results.md"
     if coop.exists():
         parts += ["CoOp head (learned context on English training emoji, 1 shot each) — zero-shot "

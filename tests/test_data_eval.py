@@ -201,6 +201,25 @@ def test_chunked_retrieval_matches_brute_force(chunk):
         assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1024])
+def test_exact_ties_rank_lowest_index_first_at_any_chunk_size(chunk):
+    """Duplicated images and a caption repeated for two images: equal scores rank by index,
+    lowest first (clip_benchmark's topk), whatever the chunk size."""
+    g = torch.Generator().manual_seed(5)
+    image = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    image[3] = image[1]  # a duplicated image
+    owner = [0, 1, 2, 3, 3, 2]
+    text = F.normalize(image[owner] + 0.05 * torch.randn(6, 16, generator=g), dim=-1)
+    text[5] = text[2]  # the same caption for image 2 twice
+    text[3] = text[1]  # and one caption shared by the two duplicated images
+    got = retrieval_metrics(image, text, torch.tensor(owner), ks=(1, 2), chunk=chunk)
+    for k in (1, 2):
+        t2i, i2t = _brute_force(image, text, owner, k)
+        assert got[f"t2i_R@{k}"] == pytest.approx(t2i) and got[f"i2t_R@{k}"] == pytest.approx(i2t)
+    # caption 3 belongs to image 3, whose twin image 1 comes first: a miss at k=1
+    assert got["t2i_R@1"] == pytest.approx(4 / 6)
+
+
 def test_zero_shot_accuracy_matches_brute_force():
     g = torch.Generator().manual_seed(2)
     classes = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
@@ -230,10 +249,14 @@ def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
     model_file = tmp_path / "model.safetensors"
     ProCLIP.from_config(tiny_cfg).save(model_file)
     raw = config_to_dict(tiny_cfg)
+    urban = _urban1k(tmp_path / "Urban1k")
+    long_caption = " ".join(["A narrow street with red brick houses and a bakery on the corner."] * 10)
+    (urban / "caption" / "3.txt").write_text(long_caption)  # > 77 CLIP tokens, > 64 embedder tokens
+    _jpg(urban / "image" / "3.jpg")
     raw["eval"] = {"models": {"tiny": str(model_file)}, "datasets": [
         {"name": "emoji", "format": "shards", "path": "data_shards/emoji-test-000.tar", "max_samples": 20,
          "languages": ["en", "th", "am"]},
-        {"name": "urban1k", "format": "urban1k", "path": str(_urban1k(tmp_path / "Urban1k"))}]}
+        {"name": "urban1k", "format": "urban1k", "path": str(urban)}]}
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
     proc = run_cli(["eval", "--config", str(cfg_path), "--no-progress"])
@@ -245,6 +268,15 @@ def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
     rows = [json.loads(line) for line in (out / "eval_rows.jsonl").open()]
     assert {(r["dataset"], r["language"]) for r in rows} >= {("emoji", "th"), ("urban1k", "en")}
     assert all(0.0 <= r["t2i_R@1"] <= 1.0 for r in rows)
+    # truncation is reported per dataset and text tower, in the rows and in results.md
+    urban_rows = {r["model"]: r for r in rows if r["dataset"] == "urban1k"}
+    assert urban_rows["CLIP text tower"]["truncated"] == 1 and urban_rows["tiny"]["truncated"] == 1
+    assert all(r["truncated"] == 0 for r in rows if r["dataset"] == "emoji")
+    assert "## Truncated captions" in text and "| urban1k | CLIP text tower | 3 | 1 |" in text
+    # per-language tables carry R@5/R@10 and the image/caption counts
+    th_row = next(r for r in rows if r["dataset"] == "emoji" and r["language"] == "th" and r["model"] == "tiny")
+    assert f"| tiny | th | {th_row['images']} | {th_row['captions']} | 0 | {th_row['t2i_R@1']:.3f} | " \
+           f"{th_row['t2i_R@5']:.3f} | {th_row['t2i_R@10']:.3f} |" in text
 
 
 def test_eval_config_errors_name_the_field(tmp_path):

@@ -22,22 +22,25 @@ def languages_present(metas: dict) -> list[str]:
 def evaluate_retrieval(image_encoder: Callable[[torch.Tensor], torch.Tensor],
                        text_encoders: dict[str, Callable[[list[str], list[str]], torch.Tensor]],
                        shards, preprocess, languages: Optional[Sequence[str]] = None,
-                       max_samples: Optional[int] = None, dataset: str = "") -> list[dict]:
+                       max_samples: Optional[int] = None, dataset: str = "",
+                       truncation: Optional[dict[str, Callable[[list[str]], int]]] = None) -> list[dict]:
     """One row per (encoder, language): recall@1/5/10 both ways over images captioned in that language.
 
-    Each text encoder is called as encode(texts, caption_ids), so it may serve cached features."""
+    Each text encoder is called as encode(texts, caption_ids), so it may serve cached features.
+    `truncation[name](texts)` counts the captions that encoder cuts (row field `truncated`)."""
     skips: Counter = Counter()
     images, keys, metas = load_image_text(expand_shards(shards), preprocess, max_samples=max_samples, skips=skips)
     if skips:
         log.warning("eval %s: skipped %s", dataset, dict(skips))
     if not keys:
         raise ValueError(f"eval {dataset}: no readable samples in {shards}")
-    return evaluate_loaded(image_encoder, text_encoders, images, keys, metas, languages, dataset)
+    return evaluate_loaded(image_encoder, text_encoders, images, keys, metas, languages, dataset, truncation)
 
 
 @torch.no_grad()
 def evaluate_loaded(image_encoder, text_encoders, images: torch.Tensor, keys: list[str], metas: dict,
-                    languages: Optional[Sequence[str]] = None, dataset: str = "") -> list[dict]:
+                    languages: Optional[Sequence[str]] = None, dataset: str = "",
+                    truncation: Optional[dict[str, Callable[[list[str]], int]]] = None) -> list[dict]:
     """`evaluate_retrieval` on images and caption records already in memory."""
     image_emb = torch.cat([image_encoder(images[i:i + 256]) for i in range(0, len(images), 256)]).cpu()
     langs = list(languages) if languages else languages_present(metas)
@@ -58,6 +61,11 @@ def evaluate_loaded(image_encoder, text_encoders, images: torch.Tensor, keys: li
         for name, encode in text_encoders.items():
             text_emb = encode(texts, ids).cpu()
             metrics = retrieval_metrics(image_emb[used], text_emb, target)
-            rows.append({"dataset": dataset, "model": name, "language": lang, "images": len(used),
-                         "captions": len(texts), **metrics})
+            row = {"dataset": dataset, "model": name, "language": lang, "images": len(used),
+                   "captions": len(texts), **metrics}
+            if truncation and name in truncation:
+                row["truncated"] = int(truncation[name](texts))
+                if row["truncated"]:
+                    log.info("eval %s/%s: %s cut %d of %d captions", dataset, lang, name, row["truncated"], len(texts))
+            rows.append(row)
     return rows

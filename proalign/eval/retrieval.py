@@ -3,12 +3,21 @@
 Recall@k text->image: a caption is found when its image ranks in the top k.
 Recall@k image->text: an image is found when ANY of its captions ranks in the top k.
 Memory is O(chunk^2 + N + M), never O(N * M).
+
+Ties: scores are compared in float64, and two scores within `TIE_TOLERANCE` of each other are
+equal; equal scores rank by index, the lowest first (what clip_benchmark's `topk` gives). So a
+duplicated image, or a caption repeated for two images, counts as a hit for the first of the two
+only, and the result does not depend on the chunk size.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+# float64 dot products of float32 inputs differ by ~1e-16 between kernels (block shapes);
+# genuine float32 cosine differences are far larger than this.
+TIE_TOLERANCE = 1e-9
 
 
 @torch.no_grad()
@@ -23,35 +32,49 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     text_to_image = text_to_image.to(torch.long)
     if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n:
         raise ValueError("text_to_image holds an index outside the image set")
-    # score of each caption with its own image, and each image's best own caption
-    correct = torch.cat([(text_emb[t0:t0 + chunk] * image_emb[text_to_image[t0:t0 + chunk]]).sum(-1)
+    tol = TIE_TOLERANCE
+    # score of each caption with its own image ...
+    correct = torch.cat([(text_emb[t0:t0 + chunk].double() * image_emb[text_to_image[t0:t0 + chunk]].double()).sum(-1)
                          for t0 in range(0, m, chunk)])
-    best_own = torch.full((n,), float("-inf"), dtype=correct.dtype)
+    # ... each image's best own caption, and the lowest index among its own captions tied for best
+    best_own = torch.full((n,), float("-inf"), dtype=torch.float64)
     best_own.scatter_reduce_(0, text_to_image, correct, reduce="amax")
+    caption_index = torch.arange(m)
+    tied_for_best = torch.where(correct >= best_own[text_to_image] - tol, caption_index, m)
+    best_caption = torch.full((n,), m, dtype=torch.long).scatter_reduce_(0, text_to_image, tied_for_best, "amin")
     t2i_rank = torch.zeros(m, dtype=torch.long)
     i2t_rank = torch.zeros(n, dtype=torch.long)
     # Block buffers reused across the loop: no per-block allocation, so resident memory does not
     # depend on how the allocator recycles freed blocks.
     rows, cols = min(chunk, m), min(chunk, n)
-    scores_buf = torch.empty(rows, cols, dtype=correct.dtype)
+    scores_buf = torch.empty(rows, cols, dtype=torch.float64)
     beats_buf = torch.empty(rows, cols, dtype=torch.bool)
+    tie_buf = torch.empty(rows, cols, dtype=torch.bool)
     other_buf = torch.empty(rows, cols, dtype=torch.bool)
     image_index = torch.arange(n)
     for t0 in range(0, m, chunk):
-        text_block = text_emb[t0:t0 + chunk]
+        text_block = text_emb[t0:t0 + chunk].double()
         ct = text_block.shape[0]
         owners = text_to_image[t0:t0 + ct, None]
+        captions = caption_index[t0:t0 + ct, None]
         for i0 in range(0, n, chunk):
-            image_block = image_emb[i0:i0 + chunk]
+            image_block = image_emb[i0:i0 + chunk].double()
             ci = image_block.shape[0]
-            scores, beats, other = scores_buf[:ct, :ci], beats_buf[:ct, :ci], other_buf[:ct, :ci]
+            images = image_index[None, i0:i0 + ci]
+            scores, beats, tie, other = scores_buf[:ct, :ci], beats_buf[:ct, :ci], tie_buf[:ct, :ci], other_buf[:ct, :ci]
             torch.mm(text_block, image_block.T, out=scores)
-            # own pairs never outrank themselves (a matmul and a row-wise dot may differ by an ulp)
-            torch.ne(owners, image_index[None, i0:i0 + ci], out=other)
-            torch.gt(scores, correct[t0:t0 + ct, None], out=beats).logical_and_(other)
-            t2i_rank[t0:t0 + ct] += beats.sum(1)
-            torch.gt(scores, best_own[None, i0:i0 + ci], out=beats).logical_and_(other)
-            i2t_rank[i0:i0 + ci] += beats.sum(0)
+            torch.ne(owners, images, out=other)
+            # text->image: another image outranks the caption's own if it scores higher, or ties
+            # and comes first
+            own = correct[t0:t0 + ct, None]
+            torch.gt(scores, own + tol, out=beats)
+            torch.ge(scores, own - tol, out=tie).logical_and_(images < owners)
+            t2i_rank[t0:t0 + ct] += beats.logical_or_(tie).logical_and_(other).sum(1)
+            # image->text: another image's caption outranks the image's best own caption
+            best = best_own[None, i0:i0 + ci]
+            torch.gt(scores, best + tol, out=beats)
+            torch.ge(scores, best - tol, out=tie).logical_and_(captions < best_caption[None, i0:i0 + ci])
+            i2t_rank[i0:i0 + ci] += beats.logical_or_(tie).logical_and_(other).sum(0)
     has_caption = torch.isfinite(best_own)
     out = {}
     for k in ks:

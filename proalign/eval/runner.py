@@ -1,6 +1,7 @@
 """`proalign eval`: every model file x every dataset -> results.md, rows JSONL and R@1 plots."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import Counter
@@ -53,16 +54,34 @@ def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
         if ds.name not in loaded_sets:
             loaded_sets[ds.name] = load_eval_dataset(ds, model.preprocess_eval)
         images, keys, metas = loaded_sets[ds.name]
-        encoders = {}
+        encoders, truncation = {}, {}
         if cfg.eval.clip_text_baseline and index < len(cfg.eval.datasets):  # once, from the first model
             encoders["CLIP text tower"] = lambda texts, ids, m=model: m.encode_text_clip(texts)
+            truncation["CLIP text tower"] = functools.partial(model.count_truncated, tower="clip")
         encoders[label] = lambda texts, ids, m=model: m.encode_text(texts, batch_size=bs)
+        truncation[label] = functools.partial(model.count_truncated, tower="llm")
         if model.prompt is not None:
             encoders[f"{label} + CoOp"] = lambda texts, ids, m=model: m.encode_text(texts, prompt=True, batch_size=bs)
+            truncation[f"{label} + CoOp"] = functools.partial(model.count_truncated, tower="prompt")
         device = next(model.clip.parameters()).device
         rows += evaluate_loaded(lambda x, m=model: m.encode_image(x.to(device)), encoders, images, keys, metas,
-                                ds.languages or None, ds.name)
+                                ds.languages or None, ds.name, truncation)
     return write_eval_report(rows, Path(cfg.output_dir))
+
+
+RECALL_COLUMNS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]
+
+
+def truncation_rows(rows: list[dict]) -> list[dict]:
+    """Per dataset and text tower: captions seen and captions cut at the tower's length limit."""
+    totals: dict[tuple, dict] = {}
+    for r in rows:
+        if "truncated" in r:
+            entry = totals.setdefault((r["dataset"], r["model"]), {"dataset": r["dataset"], "model": r["model"],
+                                                                   "captions": 0, "truncated": 0})
+            entry["captions"] += r["captions"]
+            entry["truncated"] += r["truncated"]
+    return list(totals.values())
 
 
 def write_eval_report(rows: list[dict], out: Path) -> Path:
@@ -71,6 +90,7 @@ def write_eval_report(rows: list[dict], out: Path) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     parts = ["# proalign eval", ""]
+    detail = ["model", "language", "images", "captions", "truncated", *RECALL_COLUMNS]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         subset = [r for r in rows if r["dataset"] == dataset]
         languages = {r["language"] for r in subset}
@@ -79,10 +99,15 @@ def write_eval_report(rows: list[dict], out: Path) -> Path:
             plot = out / f"{dataset}_t2i_r1.png"
             plot_languages(subset, plot, "t2i_R@1", f"{dataset}: text→image R@1 per language")
             parts += ["Text→image R@1:", "", language_table(subset, "t2i_R@1"), "",
-                      "Image→text R@1:", "", language_table(subset, "i2t_R@1"), "", f"![{dataset}]({plot.name})", ""]
-        else:
-            parts += [markdown_table(subset, ["model", "language", "images", "captions", "t2i_R@1", "t2i_R@5",
-                                              "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]), ""]
+                      "Image→text R@1:", "", language_table(subset, "i2t_R@1"), "", f"![{dataset}]({plot.name})", "",
+                      "Per language: R@1/5/10 both ways, images and captions in that language, and captions "
+                      "cut at the text tower's length limit:", ""]
+        parts += [markdown_table(subset, detail), ""]
+    cut = truncation_rows(rows)
+    if cut:
+        parts += ["## Truncated captions", "", "Captions longer than the text tower's limit (CLIP: its context "
+                  "length; LLM embedder: `embedder.max_length`; CoOp: that minus the context) are cut:", "",
+                  markdown_table(cut, ["dataset", "model", "captions", "truncated"]), ""]
     summary = [{"dataset": r["dataset"], "model": r["model"], "language": "all", "t2i_R@1": r["t2i_R@1"]}
                for r in _mean_by(rows)]
     plot_path = out / "eval_t2i_r1.png"

@@ -165,6 +165,11 @@ class TextEmbedder(nn.Module):
             features = module(features)
         return features["sentence_embedding"]
 
+    def count_truncated(self, texts: Sequence[str], role: Optional[str] = None) -> int:
+        """How many of `texts` (with the role's prefix) exceed `max_length` tokens; counts only."""
+        ids = self.tokenizer(self.prefixed(texts, role), add_special_tokens=True)["input_ids"]
+        return sum(len(seq) > self.max_length for seq in ids)
+
     def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         return self._pool(out.last_hidden_state, attention_mask)

@@ -20,7 +20,7 @@ from ..config import RunConfig
 from .adapter import MLPAdapter
 from .checkpoint import save_tensors
 from .embedder import TextEmbedder
-from .towers import create_clip, encode_clip_text
+from .towers import context_length, count_truncated, create_clip, encode_clip_text
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,17 @@ class ProCLIP(nn.Module):
         device = next(self.clip.parameters()).device
         out = encode_clip_text(self.clip, self.clip_tokenizer, texts, device=device)
         return F.normalize(out, dim=-1) if normalize else out
+
+    def count_truncated(self, texts: Sequence[str], tower: str) -> int:
+        """Captions the given text path cuts: `clip` (CLIP's context length), `llm` (the
+        embedder's max_length) or `prompt` (max_length minus the learned context)."""
+        if tower == "clip":
+            return count_truncated(self.clip_tokenizer, texts, context_length(self.clip))
+        if tower == "llm":
+            return self.embedder.count_truncated(texts)
+        if tower == "prompt":
+            return self.prompt.count_truncated(texts)
+        raise ValueError(f"unknown text tower {tower!r} (clip|llm|prompt)")
 
     # ------------------------------------------------------------------ save / load
     def weights(self) -> dict[str, torch.Tensor]:

@@ -145,6 +145,11 @@ class PromptLearner(nn.Module):
         embeds = torch.where((slot >= 0).unsqueeze(-1), gathered, word)
         return embeds, mask, slot
 
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many of `texts` exceed the token budget left beside the context; counts only."""
+        ids = self.embedder.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return sum(len(seq) > self.text_budget for seq in ids)
+
     def forward(self, texts: Sequence[str], class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled embedder features (B, dim) of the prompted texts; gradients reach the context."""
         embeds, mask, _ = self.build(texts, class_index)
