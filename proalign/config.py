@@ -230,6 +230,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; everyone writes learning rates that way.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where}: expected float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected float, got {value!r}")
         return float(value)
@@ -279,6 +285,10 @@ def _check_ranges(cfg: RunConfig) -> None:
         train = getattr(cfg, stage).train
         need(train.steps > 0, f"{stage}.train.steps", "must be > 0")
         need(train.batch_size > 0, f"{stage}.train.batch_size", "must be > 0")
+        need(train.log_every > 0, f"{stage}.train.log_every", "must be > 0")
+        need(train.checkpoint_every > 0, f"{stage}.train.checkpoint_every", "must be > 0")
+        need(train.eval_every >= 0, f"{stage}.train.eval_every", "must be >= 0 (0: no periodic eval)")
+        need(train.max_nonfinite_steps > 0, f"{stage}.train.max_nonfinite_steps", "must be > 0")
         need(train.optim.lr > 0, f"{stage}.train.optim.lr", "must be > 0")
         need(len(train.optim.betas) == 2, f"{stage}.train.optim.betas", "needs two values")
     need(cfg.adapter.num_blocks >= 0, "adapter.num_blocks", "must be >= 0")
@@ -290,6 +300,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.coop.epochs > 0, "coop.epochs", "must be > 0")
     need(cfg.coop.batch_size > 0, "coop.batch_size", "must be > 0")
     need(cfg.coop.lr > 0, "coop.lr", "must be > 0")
+    need(cfg.coop.log_every > 0, "coop.log_every", "must be > 0")
+    need(cfg.embedder.batch_size > 0, "embedder.batch_size", "must be > 0")
+    need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     for lang, template in cfg.coop.templates.items():
         need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
              "must be a string with exactly one {} for the class name")
@@ -307,11 +321,38 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"clip.pretrained: file {cfg.clip.pretrained!r} does not exist")
     for label, path in cfg.eval.models.items():
         need(isinstance(path, str) and Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
+    shard_lists = [("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards),
+                   ("coop.train_shards", cfg.coop.train_shards), ("coop.eval_shards", cfg.coop.eval_shards)]
     for i, ds in enumerate(cfg.eval.datasets):
-        if ds.format != "shards":
+        if ds.format == "shards":
+            shard_lists.append((f"eval.datasets[{i}].path", ds.path))
+        else:
             need(Path(ds.path).exists(), f"eval.datasets[{i}].path", f"{ds.path!r} does not exist")
-    if cfg.deepspeed and not Path(cfg.deepspeed).exists():
-        raise ConfigError(f"deepspeed: file {cfg.deepspeed!r} does not exist")
+    for where, patterns in shard_lists:
+        if patterns:
+            _check_shards(where, patterns)
+    if cfg.deepspeed:
+        _check_deepspeed_json(cfg.deepspeed)
+
+
+def _check_shards(where: str, patterns) -> None:
+    from .data.patterns import ShardPatternError, expand_shards
+    try:
+        expand_shards(patterns)
+    except ShardPatternError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_deepspeed_json(path: str) -> None:
+    import json
+    if not Path(path).is_file():
+        raise ConfigError(f"deepspeed: file {path!r} does not exist")
+    try:
+        value = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed: {path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"deepspeed: {path}: the top level must be a JSON object")
 
 
 def _parse_scalar(text: str) -> Any:

@@ -81,3 +81,41 @@ def test_coop_fields_are_validated():
         config_from_dict({**base, "coop": {"shots": 0}})
     with pytest.raises(ConfigError, match=r"coop.prompt.position: must be one of"):
         config_from_dict({**base, "coop": {"prompt": {"position": "left"}}})
+
+
+@pytest.mark.parametrize("field", ["embedder.batch_size", "stage1.train.log_every", "stage2.train.checkpoint_every",
+                                   "teacher.train.log_every", "coop.log_every", "eval.batch_size"])
+def test_zero_intervals_and_batch_sizes_are_rejected_at_load(field):
+    with pytest.raises(ConfigError, match=rf"{field.replace('.', '[.]')}: must be > 0"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"{field}=0"])
+
+
+def test_exponent_learning_rate_reads_as_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    text = (ROOT / "configs" / "tiny-cpu.yaml").read_text()
+    path.write_text(text.replace("optim: {lr: 0.002, warmup_steps: 10}", "optim: {lr: 1e-3, warmup_steps: 10}"))
+    assert yaml.safe_load(path.read_text())["stage1"]["train"]["optim"]["lr"] == "1e-3"  # YAML's reading
+    assert load_config(path).stage1.train.optim.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"stage1.train.optim.lr: expected float, got 'fast'"):
+        load_config(path, ["stage1.train.optim.lr=fast"])
+
+
+def test_malformed_deepspeed_json_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
+    with pytest.raises(ConfigError, match=rf"deepspeed: {bad}:2:.*not valid JSON"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"deepspeed={bad}"])
+
+
+def test_missing_shards_and_typo_globs_name_field_and_pattern(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train_shards: shard not found: .*nope-000.tar"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["data.train_shards=[data_shards/nope-000.tar]"])
+    # one good entry must not hide a typo'd glob beside it
+    with pytest.raises(ConfigError, match=r"data.train_shards: shard pattern 'data_shards/emoij-\*.tar'"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml",
+                    ["data.train_shards=[data_shards/emoji-train-000.tar, data_shards/emoij-*.tar]"])
+    with pytest.raises(ConfigError, match=r"data.eval_shards: shard not found"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["data.eval_shards=data_shards/missing.tar"])
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: shard not found"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml",
+                    ["eval.datasets=[{name: x, format: shards, path: data_shards/missing.tar}]"])

@@ -19,26 +19,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
+
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def expand_shards(spec: Sequence[str] | str) -> list[str]:
-    """Expand brace patterns (`a-{000..003}.tar`) and globs; every shard must exist."""
-    import glob
-    from webdataset.shardlists import expand_urls
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for s in specs:
-        for url in expand_urls(s):
-            hits = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
-            urls.extend(hits)
-    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
-    if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]}")
-    if not urls:
-        raise FileNotFoundError(f"no shards match {spec!r}")
-    return urls
 
 
 def _tar_handler(counter: Counter):
