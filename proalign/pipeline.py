@@ -80,7 +80,10 @@ def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     last = engine.train(task, cfg, cfg.stage1.train, cfg.output_dir, resume=resume, progress=progress)
     after = heldout_cosine(model.adapter, eval_llm, eval_teacher)
     model.save(Path(cfg.output_dir) / "stage1.safetensors", {"stage": "stage1"})
+    for reason, n in extra["skips"].items():
+        log.warning("stage1: skipped %d training samples: %s", n, reason)
     summary = {"stage": "stage1", "train_captions": len(llm), "teacher_truncated": extra.get("truncated", 0),
+               "shard_samples": extra["shard_samples"], **{f"skipped_{k}": v for k, v in extra["skips"].items()},
                "heldout_cosine_before": before, "heldout_cosine_after": after, **last}
     _append_summary(cfg, summary)
     print(f"stage1: held-out cosine to the CLIP teacher {before:.4f} -> {after:.4f} "

@@ -3,12 +3,14 @@
 Layout: `<cache_dir>/<kind>-<fingerprint>/<shard-stem>.safetensors`, one file per shard, holding
 an `embeddings` matrix whose rows follow the caption ids stored in its metadata. The
 fingerprint hashes model + prefix + max length (or the teacher's weights), so a different
-encoder never reads another's cache; each file also records its shard's size, so a rebuilt
-shard makes its sidecar stale (detected, re-encoded by `build`, an error in `load`).
+encoder never reads another's cache; each file also records its shard's size and a SHA-256 of
+its bytes, so a rebuilt or edited shard (even one of the same size) makes its sidecar stale
+(detected, re-encoded by `build`, an error in `load`).
 Files are written atomically per shard, so an interrupted `build` resumes where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -22,7 +24,21 @@ from ..models.checkpoint import save_tensors
 from .shards import expand_shards, read_captions
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
+_digests: dict[tuple, str] = {}
+
+
+def shard_digest(url: str) -> str:
+    """SHA-256 of a shard's bytes, memoised per (path, size, mtime) within the process."""
+    stat = Path(url).stat()
+    key = (str(Path(url).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(url, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
 
 
 class StaleCacheError(RuntimeError):
@@ -48,7 +64,7 @@ class EmbeddingCache:
             meta = f.metadata() or {}
         if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != self.fingerprint:
             return "written by another encoder version"
-        if meta.get("shard_size") != str(Path(url).stat().st_size):
+        if meta.get("shard_size") != str(Path(url).stat().st_size) or meta.get("shard_sha256") != shard_digest(url):
             return "its shard changed since it was cached"
         return None
 
@@ -72,8 +88,13 @@ class EmbeddingCache:
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
             emb = encode(texts) if texts else torch.empty(0, 0)
+            samples = len({cid.rsplit("|", 2)[0] for cid in ids})
+            if skips:
+                log.info("%s: %d samples with captions; skipped %s", url, samples, dict(skips))
             meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": Path(url).name,
-                    "shard_size": str(Path(url).stat().st_size), "ids": json.dumps(ids, ensure_ascii=False)}
+                    "shard_size": str(Path(url).stat().st_size), "shard_sha256": shard_digest(url),
+                    "samples": str(samples), "skips": json.dumps(dict(skips)),
+                    "ids": json.dumps(ids, ensure_ascii=False)}
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
             save_tensors({"embeddings": emb.float()}, self.sidecar(url), meta)
@@ -82,9 +103,10 @@ class EmbeddingCache:
         return dict(stats)
 
     def load(self, shards, languages: Optional[Sequence[str]] = None) -> tuple[list[str], torch.Tensor, dict]:
-        """(caption ids, embeddings, summed extra metadata) for the given shards."""
+        """(caption ids, embeddings, extras) for the given shards: the extra metadata summed over
+        shards, plus `shard_samples` (samples each shard gave) and `skips` (summed skip counts)."""
         ids: list[str] = []
-        mats, extras = [], Counter()
+        mats, extras, skips, shard_samples = [], Counter(), Counter(), {}
         for url in expand_shards(shards):
             reason = self._check(url)
             if reason is not None:
@@ -94,8 +116,11 @@ class EmbeddingCache:
                 meta = f.metadata()
                 emb = f.get_tensor("embeddings")
             shard_ids = json.loads(meta["ids"])
+            shard_samples[meta["shard"]] = int(meta["samples"])
+            skips.update(json.loads(meta["skips"]))
             for key, value in meta.items():
-                if key not in ("version", "fingerprint", "shard", "shard_size", "ids"):
+                if key not in ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips",
+                               "ids"):
                     extras[key] += json.loads(value)
             if languages:
                 keep = [i for i, cid in enumerate(shard_ids) if cid.split("|")[-2] in languages]
@@ -105,4 +130,4 @@ class EmbeddingCache:
                 ids.extend(shard_ids)
                 mats.append(emb)
         matrix = torch.cat(mats) if mats else torch.empty(0)
-        return ids, matrix, dict(extras)
+        return ids, matrix, {**extras, "shard_samples": shard_samples, "skips": dict(skips)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
 log = logging.getLogger(__name__)
+# An endless stream stops after this many passes in a row without one usable sample (zero-byte
+# shards, every image corrupt) instead of spinning forever.
+MAX_EMPTY_PASSES = 2
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -33,18 +37,63 @@ def _tar_handler(counter: Counter):
     return handler
 
 
+class EmptyStreamError(RuntimeError):
+    """The training shards gave no usable sample; the message names the shards and the skips."""
+
+
+def tar_is_complete(path: str) -> bool:
+    """A whole tar ends with its end-of-archive marker (two zero 512-byte blocks) on a block
+    boundary; one cut mid-member, or after a member, does not. Python's tar reader in stream
+    mode reads such a file to the cut without an error."""
+    size = os.path.getsize(path)
+    if size == 0 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
+def _unsafe_key(key: str) -> bool:
+    parts = key.replace("\\", "/").split("/")
+    return key.startswith(("/", "\\")) or ".." in parts or (len(key) > 1 and key[1] == ":")
+
+
 def iter_raw_samples(url: str, skips: Optional[Counter] = None) -> Iterator[dict]:
-    """Raw samples (key -> bytes) of one shard, in file order."""
+    """Raw samples (key -> bytes) of one shard, in file order.
+
+    Counted skips: `truncated_shard` (the tar is cut: its samples up to the cut are read, the
+    last one, which the cut may have split, is dropped), `unsafe_member_name` (an absolute or
+    `..` member path) and `corrupt_tar` (unreadable tar data)."""
     import webdataset as wds
     skips = skips if skips is not None else Counter()
+    truncated = "://" not in url and not url.startswith("pipe:") and not tar_is_complete(url)
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=_tar_handler(skips)))
-    yield from pipeline
+    pending, count = None, 0
+    for sample in pipeline:
+        if _unsafe_key(str(sample.get("__key__", ""))):
+            skips["unsafe_member_name"] += 1
+            log.warning("%s: skipping sample with unsafe member name %r", url, sample.get("__key__"))
+            continue
+        if pending is not None:
+            count += 1
+            yield pending
+        pending = sample
+    if pending is not None and not truncated:
+        count += 1
+        yield pending
+    if truncated and os.path.getsize(url) > 0:
+        skips["truncated_shard"] += 1
+        log.warning("%s: truncated tar (no end-of-archive marker): read %d samples up to the cut%s", url, count,
+                    ", dropped the last one, which the cut may have split" if pending is not None else "")
 
 
 def parse_meta(sample: dict, where: str) -> dict:
     if "json" not in sample:
         raise ValueError(f"{where}: sample {sample.get('__key__')!r} has no .json")
     meta = json.loads(sample["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: sample {sample.get('__key__')!r}: the .json is a {type(meta).__name__}, "
+                         f"not an object")
     caps = meta.get("captions")
     if not isinstance(caps, dict):
         raise ValueError(f"{where}: sample {sample.get('__key__')!r}: 'captions' must map language -> list")
@@ -173,9 +222,8 @@ class ImageTextStream(IterableDataset):
         if "skip" in sample:
             return sample
         try:
-            meta = json.loads(sample["json"])
-            items = caption_items(meta, sample["__key__"], self.languages) if isinstance(meta.get("captions"), dict) else []
-        except (KeyError, ValueError):
+            items = caption_items(parse_meta(sample, "stream"), sample["__key__"], self.languages)
+        except ValueError:  # json.JSONDecodeError is a ValueError
             return {"skip": "bad_json"}
         if not items:
             return {"skip": "no_caption"}
@@ -197,11 +245,24 @@ class ImageTextStream(IterableDataset):
 
     def __iter__(self):
         epoch = self.start_epoch
+        empty_passes = 0
         while True:
-            index, _ = self._partition()
+            index, count = self._partition()
             rng = random.Random(f"{self.seed}-{epoch}-{index}")
+            usable, skipped = 0, Counter()
             for sample in self._epoch(epoch):
-                yield self._decode(sample, rng)
+                item = self._decode(sample, rng)
+                if "skip" in item:
+                    skipped[item["skip"]] += 1
+                else:
+                    usable += 1
+                yield item
+            empty_passes = 0 if usable else empty_passes + 1
+            if empty_passes >= MAX_EMPTY_PASSES:
+                raise EmptyStreamError(
+                    f"no usable sample in {empty_passes} passes over {len(self.urls)} shard(s) "
+                    f"({', '.join(self.urls[:5])}{', ...' if len(self.urls) > 5 else ''}) for reader {index} of "
+                    f"{count}; skipped: {dict(skipped) or 'nothing was read'}")
             epoch += 1
 
 
