@@ -7,6 +7,7 @@ plus `next_batch`, `after_step` (EMA update, logit-scale clamp) and its data pos
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import logging
 import math
@@ -207,14 +208,14 @@ def _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds,
     ckpt = CheckpointManager(run_dir / task.name)
     start_step = 0
     if resume:
-        latest = ckpt.latest()
+        latest = ckpt.latest(require="deepspeed" if use_ds else None)
         if latest is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt.root)
         else:
             tensors, state = ckpt.load(latest, None if use_ds else optimizer)
             task.load_state_dict(tensors, strict=True)
             if use_ds:
-                ds_engine.load_checkpoint(str(latest / "deepspeed"), tag="state")
+                load_deepspeed_checkpoint(ds_engine, latest / "deepspeed")
             else:
                 scheduler.load_state_dict(state["scheduler"])
             random.setstate(_tuples(state["python_rng"]))
@@ -271,10 +272,21 @@ def _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds,
             _save(ckpt, done, task, optimizer, scheduler, ds_engine, is_main)
         _kill_hook(done)
     metrics_log.close()
+    if nonfinite_run:
+        # The weights that produced these losses are not trustworthy: no export, no summary.
+        good = ckpt.finished()
+        raise NonFiniteLossError(
+            f"{task.name}: the last {nonfinite_run} step(s) gave non-finite losses ({nonfinite_total} in the run); "
+            f"the model is not exported. The last good checkpoint stays: "
+            f"{good[-1] if good else 'none was written'}. Lower the learning rate or check the data")
     return last
 
 
 def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, scheduler, ds_engine, is_main: bool):
+    bad = [name for name, t in task.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLossError(f"{task.name} step {step}: non-finite weights ({', '.join(bad[:5])}); the "
+                                 f"checkpoint is not written, the last good one stays in {ckpt.root}")
     state = {"python_rng": random.getstate(), "numpy_rng": _np_json(np.random.get_state()),
              "data": task.data_state(), "scheduler": scheduler.state_dict() if ds_engine is None else None}
     if ds_engine is not None:  # every rank writes its optimizer partition
@@ -288,6 +300,52 @@ def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, schedu
             os.replace(ckpt.root / f"step-{step:07d}-ds", path / "deepspeed")
     if dist.is_initialized():
         dist.barrier()
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain DeepSpeed types a ZeRO 0-3 checkpoint pickles (loss scaler, stage enum, the
+    optimizer's fragment addresses); nothing that can run code."""
+    import importlib
+    allowed = []
+    for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer types to allow
+            pass
+    return allowed
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside (DeepSpeed's own calls, which pass weights_only=False, included)
+    runs as weights_only=True, via torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, with only
+    `_deepspeed_safe_globals` allowed: a crafted checkpoint cannot run code."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.pop(k, None) for k in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def load_deepspeed_checkpoint(ds_engine, folder: Path) -> None:
+    """DeepSpeed's resume, without unpickling: refused with a clear error if a file holds anything
+    but tensors and the allowed DeepSpeed types."""
+    import pickle
+    with weights_only_loads():
+        try:
+            ds_engine.load_checkpoint(str(folder), tag="state")
+        except pickle.UnpicklingError as err:
+            raise RuntimeError(f"resume: refusing to unpickle {folder}: it holds an object that is not a tensor or "
+                               f"an allowed DeepSpeed type ({str(err).splitlines()[-3:]})") from None
 
 
 def _np_json(state) -> list:

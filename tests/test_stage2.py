@@ -91,6 +91,10 @@ def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path):
     sums = [(out / "replicas" / f"stage2-rank{r}.txt").read_text() for r in range(2)]
     assert sums[0] == sums[1]
     assert (out / "stage2.safetensors").exists()
+    # retention counts finished checkpoints only: both kept, each with its DeepSpeed state
+    kept = sorted(p.name for p in (out / "stage2" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step-0000002", "step-0000004"]
+    assert all((out / "stage2" / "checkpoints" / k / "deepspeed").is_dir() for k in kept)
 
 
 def _stage2_args(tmp_path, out, *extra):

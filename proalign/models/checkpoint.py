@@ -3,13 +3,18 @@ rest (step, scheduler, RNG of python/numpy, data position) to JSON."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+_FINISHED = re.compile(r"step-\d{7}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -72,14 +77,31 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
 
-    def latest(self) -> Path | None:
+    def finished(self, require: str | None = None) -> list[Path]:
+        """Complete checkpoints, oldest first: `step-XXXXXXX` folders with their state.json (and the
+        `require`d subfolder, e.g. `deepspeed`). Temporary folders never count."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir()
+                      if p.is_dir() and _FINISHED.fullmatch(p.name) and (p / "state.json").exists()
+                      and (require is None or (p / require).is_dir()))
+
+    def latest(self, require: str | None = None) -> Path | None:
+        """The checkpoint `latest` names; if it is incomplete (or lacks `require`), the newest
+        complete one, with a warning saying so."""
         pointer = self.root / "latest"
         if not pointer.exists():
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "state.json").exists():
-            raise FileNotFoundError(f"{pointer} names {path}, which is incomplete")
-        return path
+        named = self.root / pointer.read_text().strip()
+        if named in self.finished(require):
+            return named
+        done = self.finished(require)
+        what = f"state.json{' and ' + require + '/' if require else ''}"
+        if not done:
+            raise FileNotFoundError(f"{pointer} names {named}, which lacks {what}, and no other complete "
+                                    f"checkpoint is in {self.root}")
+        log.warning("resume: %s lacks %s; falling back to the newest complete checkpoint %s", named, what, done[-1])
+        return done[-1]
 
     def save(self, step: int, model_tensors: dict, optimizer: torch.optim.Optimizer | None, state: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -105,8 +127,7 @@ class CheckpointManager:
         return final
 
     def _prune(self, current: Path) -> None:
-        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in done[:-self.keep]:
+        for old in self.finished()[:-self.keep]:
             if old != current:
                 shutil.rmtree(old, ignore_errors=True)
 
