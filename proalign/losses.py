@@ -58,10 +58,52 @@ def structure_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str 
         return _reduce(per_pair, reduction).to(student.dtype)
 
 
-def distillation_loss(student, teacher, w_instance=1.0, w_structure=1.0, reduction="sum"):
-    """w_ins * L_ins + w_struct * L_struct, both reduced by `reduction`; returns (total, parts)."""
-    ins = instance_loss(student, teacher, reduction)
-    struct = structure_loss(student, teacher, reduction)
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered_distillation(student, teacher, reduction: str, rank: int, world: int):
+    """This rank's share of the distillation loss on the global batch, scaled so that the mean over
+    ranks (what DDP/DeepSpeed gradient averaging optimises) is the single-process loss on the
+    global batch, for both terms and both reductions. The structure term covers every global pair
+    once over all ranks: this rank's rows against all rows (each unordered pair is seen twice
+    across ranks, hence the half), never a (global x global) matrix."""
+    n = student.shape[0]
+    with torch.autocast(student.device.type, enabled=False):
+        s = F.normalize(student.double(), dim=-1)
+        t = F.normalize(teacher.double(), dim=-1)
+        s_all, t_all = gather_features(s), gather_features(t.detach())
+        total = s_all.shape[0]
+        per_row = (s - t).pow(2).sum(-1)
+        ins = per_row.sum() * world if reduction == "sum" else per_row.sum() * world / total
+
+        def distances(local, full):
+            sq_local, sq_full = local.pow(2).sum(-1), full.pow(2).sum(-1)
+            return (sq_local[:, None] + sq_full[None, :] - 2.0 * local @ full.T).clamp_min(1e-24).sqrt()
+        others = torch.ones(n, total, dtype=torch.bool, device=s.device)
+        others[torch.arange(n), torch.arange(n) + rank * n] = False
+        per_pair = F.smooth_l1_loss(distances(s, s_all)[others], distances(t, t_all)[others], reduction="none")
+        struct = 0.5 * per_pair.sum() * world
+        if reduction == "mean":
+            struct = struct / max(1, total * (total - 1) // 2)
+        return ins.to(student.dtype), struct.to(student.dtype)
+
+
+def distillation_loss(student, teacher, w_instance=1.0, w_structure=1.0, reduction="sum", gather: bool = False):
+    """w_ins * L_ins + w_struct * L_struct, both reduced by `reduction`; returns (total, parts).
+
+    With `gather` under data parallelism, both terms are this rank's share of the loss on the
+    global batch (see `_gathered_distillation`), so the result does not depend on the world size."""
+    rank, world = _world()
+    if gather and world > 1:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        ins, struct = _gathered_distillation(student, teacher, reduction, rank, world)
+    else:
+        ins = instance_loss(student, teacher, reduction)
+        struct = structure_loss(student, teacher, reduction)
     return w_instance * ins + w_structure * struct, {"loss_instance": ins.detach(), "loss_structure": struct.detach()}
 
 
@@ -107,9 +149,10 @@ def infonce_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Ten
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
-def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reduction: str = "sum"):
-    """L_ins(I, Ī) + L_struct(I, Ī) against the EMA image tower's features."""
-    total, parts = distillation_loss(image, ema_image.detach(), 1.0, 1.0, reduction)
+def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reduction: str = "sum",
+                           gather: bool = True):
+    """L_ins(I, Ī) + L_struct(I, Ī) against the EMA image tower's features, on the global batch."""
+    total, parts = distillation_loss(image, ema_image.detach(), 1.0, 1.0, reduction, gather)
     return total, {"sd_instance": parts["loss_instance"], "sd_structure": parts["loss_structure"]}
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from proalign.ema import EMATeacher
-from proalign.losses import infonce_loss
+from proalign.losses import infonce_loss, self_distillation_loss
 
 from conftest import ROOT
 
@@ -52,7 +52,15 @@ def _dist_worker(rank, world, port, out_dir):
     loss = infonce_loss(local_i, local_t, torch.tensor(10.0))
     # Gradient of the mean of per-rank losses, as DDP/DeepSpeed averaging gives.
     (loss / world).backward()
-    torch.save({"loss": loss.detach(), "gi": local_i.grad, "gt": local_t.grad}, f"{out_dir}/rank{rank}.pt")
+    out = {"loss": loss.detach(), "gi": local_i.grad, "gt": local_t.grad}
+    ema = torch.randn(8, 16, generator=g)[rank * 4:(rank + 1) * 4]
+    for reduction in ("sum", "mean"):
+        feats = image[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        sd, parts = self_distillation_loss(feats, ema, reduction)
+        (sd / world).backward()
+        out.update({f"sd_{reduction}": sd.detach(), f"sd_grad_{reduction}": feats.grad,
+                    **{f"{k}_{reduction}": v for k, v in parts.items()}})
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -70,6 +78,17 @@ def test_gathered_infonce_equals_single_process(tmp_path):
     assert torch.stack([p["loss"] for p in parts]).mean().item() == pytest.approx(ref.item(), abs=1e-5)
     assert torch.allclose(torch.cat([p["gi"] for p in parts]), image.grad, atol=1e-5)
     assert torch.allclose(torch.cat([p["gt"] for p in parts]), text.grad, atol=1e-5)
+    # self-distillation (both terms, both reductions): the same loss and gradient at any world size
+    ema = torch.randn(8, 16, generator=g)
+    for reduction in ("sum", "mean"):
+        feats = image.detach().clone().requires_grad_(True)
+        ref_sd, ref_parts = self_distillation_loss(feats, ema, reduction)
+        ref_sd.backward()
+        assert torch.stack([p[f"sd_{reduction}"] for p in parts]).mean().item() == pytest.approx(ref_sd.item(), rel=1e-5)
+        for term in ("sd_instance", "sd_structure"):
+            mean = torch.stack([p[f"{term}_{reduction}"] for p in parts]).mean().item()
+            assert mean == pytest.approx(ref_parts[term].item(), rel=1e-5), (reduction, term)
+        assert torch.allclose(torch.cat([p[f"sd_grad_{reduction}"] for p in parts]), feats.grad, atol=1e-6)
 
 
 def _launch_env(tmp_path):
