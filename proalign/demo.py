@@ -20,7 +20,7 @@ import torch
 from . import pipeline
 from .config import load_config
 from .eval.benchmark import evaluate_retrieval
-from .eval.report import language_table, markdown_table, plot_languages
+from .eval.report import image_weighted_mean, language_table, markdown_table, plot_languages
 from .models.proclip import ProCLIP
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _summary_rows(rows: list[dict]) -> list[dict]:
                 row["R@1 en"] = english[0][f"{direction}_R@1"]
             for k in (1, 5, 10):
                 if others:
-                    row[f"R@{k} non-en"] = sum(r[f"{direction}_R@{k}"] for r in others) / len(others)
+                    row[f"R@{k} non-en"] = image_weighted_mean(others, f"{direction}_R@{k}")
             out.append(row)
     return out
 
@@ -146,7 +146,8 @@ def _write_report(out: Path, rows: list[dict], timings: dict) -> None:
     parts = ["# proalign demo results", "",
              f"Held-out emoji: {max((r['images'] for r in emoji), default=0)} images; chance R@1 = "
              f"{1 / max(1, max((r['images'] for r in emoji), default=1)):.4f}.", "",
-             "Mean over languages (English alone, and the non-English mean):", "",
+             "Mean over languages (English alone, and the non-English mean, each language weighted by its "
+             "number of images):", "",
              markdown_table(_summary_rows(emoji), ["model", "direction", "R@1 en", "R@1 non-en", "R@5 non-en",
                                                    "R@10 non-en"]), "",
              "Zero-shot multilingual emoji retrieval (held-out emoji; CLDR names; every model saw only "

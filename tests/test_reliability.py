@@ -272,3 +272,16 @@ eng.save_checkpoint({str(tmp_path / 'ck')!r}, tag="state")
     with weights_only_loads():
         for f in files:
             assert isinstance(TorchCheckpointEngine().load(str(f)), dict)
+
+
+def test_small_languages_weigh_by_their_images_in_every_mean(tmp_path):
+    from proalign.eval.report import image_weighted_mean, language_table
+    from proalign.eval.runner import write_eval_report
+    rows = [{"dataset": "xm", "model": "m", "language": "en", "images": 400, "captions": 400, "t2i_R@1": 0.0},
+            {"dataset": "xm", "model": "m", "language": "mi", "images": 5, "captions": 5, "t2i_R@1": 1.0}]
+    for r in rows:
+        r.update({k: r["t2i_R@1"] for k in ("t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")})
+    assert image_weighted_mean(rows, "t2i_R@1") == pytest.approx(5 / 405)
+    assert "| **mean (weighted by images)** | 0.012 |" in language_table(rows)
+    text = write_eval_report(rows, tmp_path).read_text()
+    assert "weighted by its number of images" in text and "| xm | m | 0.012 |" in text

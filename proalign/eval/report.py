@@ -20,12 +20,18 @@ def pivot_by_language(rows: Sequence[dict], metric: str) -> tuple[list[str], lis
     return models, langs, table
 
 
+def image_weighted_mean(rows: Sequence[dict], metric: str) -> float:
+    """Mean of `metric` over per-language rows, each weighted by its number of images, so a
+    language with 5 images counts 5/400 of one with 400 (an unweighted mean lets it count as much)."""
+    weight = sum(r["images"] for r in rows)
+    return sum(r[metric] * r["images"] for r in rows) / weight if weight else float("nan")
+
+
 def language_table(rows: Sequence[dict], metric: str = "t2i_R@1") -> str:
     models, langs, table = pivot_by_language(rows, metric)
     out = [dict(language=lang, **{m: table.get((m, lang), float("nan")) for m in models}) for lang in langs]
-    mean = {m: sum(table[(m, lang)] for lang in langs if (m, lang) in table) /
-            max(1, sum((m, lang) in table for lang in langs)) for m in models}
-    out.append({"language": "**mean**", **mean})
+    mean = {m: image_weighted_mean([r for r in rows if r["model"] == m], metric) for m in models}
+    out.append({"language": "**mean (weighted by images)**", **mean})
     return markdown_table(out, ["language", *models])
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..config import EvalDatasetConfig, RunConfig
 from .benchmark import evaluate_loaded
-from .report import language_table, markdown_table, plot_languages
+from .report import image_weighted_mean, language_table, markdown_table, plot_languages
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def write_eval_report(rows: list[dict], out: Path) -> Path:
     plot_path = out / "eval_t2i_r1.png"
     plot_languages([{**r, "language": r["dataset"]} for r in summary], plot_path, "t2i_R@1",
                    "text→image R@1 (mean over languages) per dataset")
-    parts += ["## Summary (mean over languages)", "", markdown_table(summary, ["dataset", "model", "t2i_R@1"]), "",
+    parts += ["## Summary (mean over languages, each weighted by its number of images)", "", markdown_table(summary, ["dataset", "model", "t2i_R@1"]), "",
               f"![summary]({plot_path.name})", ""]
     path = out / "results.md"
     path.write_text("\n".join(parts))
@@ -122,7 +122,7 @@ def write_eval_report(rows: list[dict], out: Path) -> Path:
 
 
 def _mean_by(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["model"]), []).append(r["t2i_R@1"])
-    return [{"dataset": d, "model": m, "t2i_R@1": sum(v) / len(v)} for (d, m), v in groups.items()]
+        groups.setdefault((r["dataset"], r["model"]), []).append(r)
+    return [{"dataset": d, "model": m, "t2i_R@1": image_weighted_mean(v, "t2i_R@1")} for (d, m), v in groups.items()]
