@@ -41,11 +41,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proalign").setLevel(logging.INFO)
     from .config import ConfigError
+    from .errors import ProalignError
     try:
         return _dispatch(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except ProalignError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:

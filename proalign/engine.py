@@ -24,12 +24,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import OptimConfig, RunConfig, TrainConfig, save_config
+from .errors import ProalignError
 from .models.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ProalignError, RuntimeError):
     pass
 
 

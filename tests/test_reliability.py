@@ -285,3 +285,15 @@ def test_small_languages_weigh_by_their_images_in_every_mean(tmp_path):
     assert "| **mean (weighted by images)** | 0.012 |" in language_table(rows)
     text = write_eval_report(rows, tmp_path).read_text()
     assert "weighted by its number of images" in text and "| xm | m | 0.012 |" in text
+
+
+def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(tmp_path):
+    from conftest import run_cli
+    shard = tmp_path / "empty-000.tar"
+    shard.write_bytes(b"")
+    proc = run_cli(["stage2", "--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=output_dir={tmp_path / 'run'}",
+                    f"--set=data.cache_dir={tmp_path / 'cache'}", f"--set=data.train_shards=[{shard}]",
+                    "--set=data.eval_shards=[]"], timeout=120)
+    assert proc.returncode == 1
+    assert f"error: no usable sample in 2 passes over 1 shard(s) ({shard})" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 5000  # no flood of repeated warnings

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from safetensors import safe_open
 
+from ..errors import ProalignError
 from ..models.checkpoint import save_tensors
 from .shards import expand_shards, read_captions
 
@@ -41,7 +42,7 @@ def shard_digest(url: str) -> str:
     return _digests[key]
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(ProalignError, RuntimeError):
     pass
 
 

@@ -5,8 +5,10 @@ import glob
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import ProalignError
 
-class ShardPatternError(FileNotFoundError):
+
+class ShardPatternError(ProalignError, FileNotFoundError):
     """A shard pattern matched nothing, or names a file that does not exist; names the pattern."""
 
 

@@ -28,10 +28,12 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
+from ..errors import ProalignError
+
 log = logging.getLogger(__name__)
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(ProalignError, ValueError):
     """A dataset file or record does not have the expected shape; the message names file and line."""
 
 

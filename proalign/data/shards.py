@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import ProalignError
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _tar_handler(counter: Counter):
     return handler
 
 
-class EmptyStreamError(RuntimeError):
+class EmptyStreamError(ProalignError, RuntimeError):
     """The training shards gave no usable sample; the message names the shards and the skips."""
 
 
