@@ -28,20 +28,15 @@ def instance_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str =
     return _reduce((s - t).pow(2).sum(-1), reduction)
 
 
-def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """The N(N-1)/2 upper-triangle L2 distances (F.pdist order); safe gradient at zero distance.
+def _distances(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(n, m) L2 distances between float64 rows and columns; safe gradient at zero distance.
 
-    |a-b|^2 = |a|^2 + |b|^2 - 2ab from one (N, N) Gram matrix: no (N^2/2, D) difference tensor,
-    which made the loss 4x slower than the adapter step itself. The Gram matrix is taken in
-    float64: in float32 the cancellation for near-duplicate rows costs up to 1e-3 in distance and
-    more than the whole gradient at separations <= 1e-3."""
-    n = x.shape[0]
-    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-    x = x.double()
-    gram = x @ x.T
-    sq = gram.diagonal()
-    dist2 = sq[i] + sq[j] - 2.0 * gram[i, j]
-    # sqrt(0) has an infinite gradient; the tiny floor keeps identical rows finite.
+    |a-b|^2 = |a|^2 + |b|^2 - 2ab from one Gram matrix: no (n*m, D) difference tensor, which made
+    the loss 4x slower than the adapter step itself. The callers pass float64: in float32 the
+    cancellation for near-duplicate rows costs up to 1e-3 in distance and more than the whole
+    gradient at separations <= 1e-3."""
+    dist2 = rows.pow(2).sum(-1)[:, None] + cols.pow(2).sum(-1)[None, :] - 2.0 * rows @ cols.T
+    # sqrt(0) has an infinite gradient; the floor keeps identical rows finite (and the diagonal out).
     return dist2.clamp_min(1e-24).sqrt()
 
 
@@ -54,7 +49,9 @@ def structure_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str 
     with torch.autocast(student.device.type, enabled=False):
         s = F.normalize(student.double(), dim=-1)
         t = F.normalize(teacher.double(), dim=-1)
-        per_pair = F.smooth_l1_loss(_pairwise_distances(s), _pairwise_distances(t), reduction="none", beta=1.0)
+        n = s.shape[0]
+        i, j = torch.triu_indices(n, n, offset=1, device=s.device)  # F.pdist's pairs, in its order
+        per_pair = F.smooth_l1_loss(_distances(s, s)[i, j], _distances(t, t)[i, j], reduction="none", beta=1.0)
         return _reduce(per_pair, reduction).to(student.dtype)
 
 
@@ -78,13 +75,9 @@ def _gathered_distillation(student, teacher, reduction: str, rank: int, world: i
         total = s_all.shape[0]
         per_row = (s - t).pow(2).sum(-1)
         ins = per_row.sum() * world if reduction == "sum" else per_row.sum() * world / total
-
-        def distances(local, full):
-            sq_local, sq_full = local.pow(2).sum(-1), full.pow(2).sum(-1)
-            return (sq_local[:, None] + sq_full[None, :] - 2.0 * local @ full.T).clamp_min(1e-24).sqrt()
         others = torch.ones(n, total, dtype=torch.bool, device=s.device)
         others[torch.arange(n), torch.arange(n) + rank * n] = False
-        per_pair = F.smooth_l1_loss(distances(s, s_all)[others], distances(t, t_all)[others], reduction="none")
+        per_pair = F.smooth_l1_loss(_distances(s, s_all)[others], _distances(t, t_all)[others], reduction="none")
         struct = 0.5 * per_pair.sum() * world
         if reduction == "mean":
             struct = struct / max(1, total * (total - 1) // 2)

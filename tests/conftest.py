@@ -23,3 +23,15 @@ def run_cli(args, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "proalign.cli", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def write_shard(path, members):
+    """A tar of (name, bytes) members, in order (bad shards are built from these in tests)."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

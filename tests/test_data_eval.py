@@ -320,7 +320,7 @@ def test_shard_builder_emoji_split(tmp_path):
 def _stream_shard(tmp_path):
     """A shard with good samples, a corrupt image, a sample without captions and bad JSON."""
     import io
-    import tarfile
+    from conftest import write_shard
     path = tmp_path / "mixed-000.tar"
     good = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 10)).save(good, format="JPEG")
@@ -330,12 +330,7 @@ def _stream_shard(tmp_path):
     members += [("bad.jpg", b"not a jpeg"), ("bad.json", json.dumps({"captions": {"en": ["broken image"]}}).encode()),
                 ("empty.jpg", good.getvalue()), ("empty.json", json.dumps({"captions": {"en": ["  "]}}).encode()),
                 ("junk.jpg", good.getvalue()), ("junk.json", b"{nope")]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return write_shard(path, members)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

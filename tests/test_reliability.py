@@ -5,28 +5,19 @@ import os
 import io
 import json
 import signal
-import tarfile
 from collections import Counter
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import write_shard
+
 
 def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 10)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def write_shard(path, members):
-    """A tar of (name, bytes) members, in order."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def good_members(n, start=0):
