@@ -55,8 +55,10 @@ def tar_is_complete(path: str) -> bool:
 
 
 def _unsafe_key(key: str) -> bool:
-    parts = key.replace("\\", "/").split("/")
-    return key.startswith(("/", "\\")) or ".." in parts or (len(key) > 1 and key[1] == ":")
+    """Absolute (`/x`, `C:/x`) or parent-relative (`../x`) member paths."""
+    path = key.replace("\\", "/")
+    drive = len(path) > 2 and path[0].isalpha() and path[1:3] == ":/"
+    return path.startswith("/") or drive or ".." in path.split("/")
 
 
 def iter_raw_samples(url: str, skips: Optional[Counter] = None) -> Iterator[dict]:
