@@ -20,11 +20,12 @@ import loader  # noqa: E402
 import retrieval_memory  # noqa: E402
 import stage1_cache  # noqa: E402
 import stage2_step  # noqa: E402
+import structure_loss  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["stage1_cache", "stage2_step", "loader", "retrieval"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["stage1_cache", "structure_loss", "stage2_step", "loader", "retrieval"])
     ap.add_argument("--vitb16", action="store_true", help="also time stage 2 with a ViT-B/16 tower (slow on CPU)")
     ap.add_argument("--demo", action="store_true", help="also run `proalign demo` from scratch (~10 min)")
     args = ap.parse_args()
@@ -33,6 +34,12 @@ def main() -> int:
     if "stage1_cache" not in args.skip:
         r = results["stage1_cache"] = stage1_cache.run()
         table.append(("stage-1 cache vs re-encode (e5-small)", f"{r['speedup']:.0f}x", ">= 50x", r["speedup"] >= 50))
+    if "structure_loss" not in args.skip:
+        r = results["structure_loss"] = structure_loss.run()
+        table.append(("stage-1 adapter step, float64-Gram / pdist structure loss", f"{r['adapter_step_ratio']:.2f}x",
+                      "<= 1.15x", r["adapter_step_ratio"] <= 1.15))
+        for row in r["loss_alone"]:
+            table.append((f"  loss alone ({row['batch']} x {row['dim']})", f"{row['ratio']:.2f}x", "(explains)", True))
     if "stage2_step" not in args.skip:
         towers = [("demo", 64, 15)] + ([("vitb16", 8, 6)] if args.vitb16 else [])
         for tower, batch, rounds in towers:
