@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Rebuild the embedded demo shards from Debian packages (re-runnable, deterministic).
+"""Rebuild the embedded demo shards from Debian and npm packages (re-runnable, deterministic).
 
-Needs: unicode-cldr-core, fonts-noto-color-emoji, openclipart-svg (apt) and cairosvg (pip).
-    python data_shards/build.py [--out data_shards] [--size 64] [--parts emoji clipart]
+Needs: unicode-cldr-core, fonts-noto-color-emoji, openclipart-svg (apt), cairosvg (pip) and, for
+`styles`, npm (the Twemoji and Fluent UI Emoji artwork packages are fetched with `npm pack`).
+    python data_shards/build.py [--out data_shards] [--size 64] [--parts emoji clipart styles]
 """
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import argparse
 import io
 import json
 import random
+import re
+import subprocess
 import sys
+import tarfile
+import unicodedata
 import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,6 +31,15 @@ CLIPART = Path("/usr/share/openclipart/svg")
 LANGUAGES = ["en", "de", "fr", "es", "it", "pt", "nl", "pl", "ru", "uk", "cs", "sv", "fi", "tr", "el",
              "he", "ar", "fa", "hi", "bn", "th", "vi", "id", "sw", "am", "zh", "ja", "ko"]
 DC = "{http://purl.org/dc/elements/1.1/}"
+
+
+CLDR_DERIVED = Path("/usr/share/unicode/cldr/common/annotationsDerived")
+# npm artwork packages (name, version), pinned so a rebuild is byte-identical.
+NPM_ARTWORK = {"twemoji": ("emoji-datasource-twitter", "16.0.0"), "fluent": ("fluentui-emoji", "1.3.0")}
+SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
+TRAIN_STYLES = ["noto", "fluent-flat", "fluent-3d", "fluent-high-contrast"]
+HELD_OUT_STYLE = "twemoji"
+FLUENT_FOLDERS = {"fluent-flat": "flat", "fluent-3d": "modern", "fluent-high-contrast": "high-contrast"}
 
 
 def cldr_names(lang: str) -> dict[str, str]:
@@ -62,6 +76,149 @@ def emoji_samples(size: int, test_fraction: float, seed: int):
             samples.append({"key": f"emoji_{ord(char):05x}", "image": image,
                             "meta": {"captions": captions, "label": f"U+{ord(char):04X}"}})
         out[split] = samples
+    return out
+
+
+# ----------------------------------------------------------------------------- multi-style emoji
+
+def cldr_annotations(lang: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(names, keywords) of every annotated emoji, sequences included (CLDR `annotations` +
+    `annotationsDerived`), keyed by the emoji without U+FE0F."""
+    names: dict[str, str] = {}
+    keywords: dict[str, list[str]] = {}
+    for folder in (CLDR, CLDR_DERIVED):
+        path = folder / f"{lang}.xml"
+        if not path.exists():
+            continue
+        for a in ET.parse(path).getroot().iter("annotation"):
+            text = (a.text or "").strip()
+            if not text or text == "↑↑↑":
+                continue
+            cp = a.get("cp").replace("\ufe0f", "")
+            if a.get("type") == "tts":
+                names[cp] = text
+            else:
+                keywords[cp] = [k.strip() for k in text.split("|") if k.strip()]
+    return names, keywords
+
+
+def npm_package(name: str, version: str, cache: Path) -> Path:
+    """The unpacked `package/` folder of an npm package, fetched once with `npm pack`."""
+    folder = cache / f"{name}-{version}"
+    if not (folder / "package").is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        tgz = cache / f"{name}-{version}.tgz"
+        if not tgz.exists():
+            subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", str(cache)], check=True,
+                           stdout=subprocess.DEVNULL)
+        with tarfile.open(tgz) as tar:
+            tar.extractall(folder, filter="data")
+    return folder / "package"
+
+
+def fluent_slug(name: str) -> str:
+    """Fluent UI Emoji file stem of a CLDR English name (`1st place medal` -> `1st-place-medal`)."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name.replace("’", "").replace("'", "")).strip("-")
+
+
+def split_concepts(concepts: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, test-concept): a seeded split of concept ids; every concept lands in exactly one."""
+    order = sorted(concepts)
+    random.Random(seed).shuffle(order)
+    n_test = int(round(len(order) * test_fraction))
+    return sorted(order[n_test:]), sorted(order[:n_test])
+
+
+def _render_noto(char: str, size: int) -> Image.Image | None:
+    """Noto Color Emoji with complex-script layout (ZWJ sequences, flags, keycaps as one glyph);
+    None when the font draws nothing or falls apart into several glyphs."""
+    font = ImageFont.truetype(str(EMOJI_FONT), 109)
+    canvas = Image.new("RGBA", (420, 160), (255, 255, 255, 0))
+    ImageDraw.Draw(canvas).text((210, 80), char, font=font, embedded_color=True, anchor="mm")
+    box = canvas.getbbox()
+    if box is None or box[2] - box[0] > 160:
+        return None
+    return canvas.crop(box).resize((size, size), Image.BICUBIC)
+
+
+def _render_style(args):
+    concept, style, source, size = args
+    if style == "noto":
+        return concept, style, _render_noto(concept, size)
+    if source is None:
+        return concept, style, None
+    if str(source).endswith(".svg"):
+        import cairosvg
+        png = cairosvg.svg2png(url=str(source), output_width=size, output_height=size)
+        image = Image.open(io.BytesIO(png))
+    else:
+        image = Image.open(source).resize((size, size), Image.BICUBIC)
+    image.load()
+    return concept, style, image
+
+
+def style_sources(concepts: dict[str, str], cache: Path) -> dict[tuple[str, str], Path | None]:
+    """(concept, style) -> artwork file, for Twemoji (by code points) and the three Fluent styles
+    (by the CLDR English name; skin-toned bases use their `-default` drawing)."""
+    twitter = npm_package(*NPM_ARTWORK["twemoji"], cache)
+    by_codepoints = {}
+    for entry in json.loads((twitter / "emoji.json").read_text()):
+        key = "".join(chr(int(h, 16)) for h in entry["unified"].split("-") if h.upper() != "FE0F")
+        by_codepoints[key] = twitter / "img" / "twitter" / "64" / entry["image"]
+    fluent = npm_package(*NPM_ARTWORK["fluent"], cache) / "icons"
+    sources = {}
+    for concept, name in concepts.items():
+        sources[(concept, "twemoji")] = by_codepoints.get(concept)
+        for style, folder in FLUENT_FOLDERS.items():
+            hits = [fluent / folder / f"{stem}.svg" for stem in (fluent_slug(name), fluent_slug(name) + "-default")]
+            sources[(concept, style)] = next((h for h in hits if h.exists()), None)
+    return {k: v for k, v in sources.items() if v is None or v.exists()}
+
+
+def style_samples(size: int, test_fraction: float, seed: int, cache: Path) -> dict[str, list[dict]]:
+    """The multi-style emoji benchmark (see data_shards/README.md):
+    - train: train concepts in every style but Twemoji, English name + CLDR keywords;
+    - test-style: train concepts drawn by Twemoji (never seen in training), names in 28 languages;
+    - test-language: train concepts in the Noto drawings seen in training, names in 28 languages;
+    - test-concept: held-out concepts (Noto), names in 28 languages."""
+    annotations = {lang: cldr_annotations(lang) for lang in LANGUAGES}
+    english, keywords = annotations["en"]
+    named = {cp: n for cp, n in english.items() if not (set(cp) & SKIN_TONES)}
+    sources = style_sources(named, cache)
+    concepts = {cp: n for cp, n in named.items() if sources.get((cp, HELD_OUT_STYLE)) is not None}
+    jobs = [(cp, style, sources.get((cp, style)), size) for cp in sorted(concepts)
+            for style in ["noto", HELD_OUT_STYLE, *FLUENT_FOLDERS]]
+    images: dict[tuple[str, str], Image.Image] = {}
+    with ProcessPoolExecutor(2) as pool:
+        for concept, style, image in pool.map(_render_style, jobs, chunksize=32):
+            if image is not None:
+                images[(concept, style)] = image
+    concepts = {cp: n for cp, n in concepts.items() if (cp, "noto") in images}  # every split needs Noto
+    train, test = split_concepts(list(concepts), test_fraction, seed)
+
+    def concept_id(cp: str) -> str:
+        return "-".join(f"{ord(c):04x}" for c in cp)
+
+    def sample(cp: str, style: str, languages: list[str], with_keywords: bool) -> dict:
+        captions = {}
+        for lang in languages:
+            name = annotations[lang][0].get(cp)
+            if name:
+                captions[lang] = [name]
+        if with_keywords:
+            captions["en"] += [k for k in keywords.get(cp, []) if k != english[cp]]
+        return {"key": f"{style}_{concept_id(cp)}", "image": images[(cp, style)],
+                "meta": {"captions": captions, "label": concept_id(cp), "style": style}}
+
+    out = {"train": [sample(cp, style, ["en"], True) for cp in train for style in TRAIN_STYLES
+                     if (cp, style) in images],
+           "test-style": [sample(cp, HELD_OUT_STYLE, LANGUAGES, False) for cp in train],
+           "test-language": [sample(cp, "noto", LANGUAGES, False) for cp in train],
+           "test-concept": [sample(cp, "noto", LANGUAGES, False) for cp in test]}
+    random.Random(seed).shuffle(out["train"])  # styles interleaved across the training shards
+    print(f"styles: {len(concepts)} concepts ({len(train)} train, {len(test)} test-concept); "
+          + ", ".join(f"{k} {len(v)}" for k, v in out.items()), file=sys.stderr)
     return out
 
 
@@ -125,11 +282,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--clipart-limit", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart"], default=["emoji", "clipart"])
+    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart", "styles"], default=["emoji", "clipart", "styles"])
+    ap.add_argument("--npm-cache", default=str(Path.home() / ".cache" / "proalign" / "npm"),
+                    help="where `npm pack` puts the artwork packages")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
+    sizes_path = out / "sizes.json"
+    sizes = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
     if "emoji" in args.parts:
         emoji = emoji_samples(args.size, 0.3, args.seed)
         sizes.update(write_shards(emoji["train"], str(out / "emoji-train-%03d.tar"), 1000))
@@ -138,7 +298,10 @@ def main() -> None:
         train, long_test = clipart_samples(args.size, args.clipart_limit, args.seed)
         sizes.update(write_shards(train, str(out / "clipart-train-%03d.tar"), 1000))
         sizes.update(write_shards(long_test, str(out / "clipart-long-test-%03d.tar"), 1000))
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
+    if "styles" in args.parts:
+        for split, samples in style_samples(args.size, 0.2, args.seed, Path(args.npm_cache)).items():
+            sizes.update(write_shards(samples, str(out / f"styles-{split}-%03d.tar"), 1000))
+    sizes_path.write_text(json.dumps(sizes, indent=1) + "\n")
     print(json.dumps(sizes, indent=1))
 
 

@@ -352,3 +352,44 @@ def test_stream_counts_skips_and_resumes_at_the_same_batch(tmp_path, workers):
         got = resumed.next_batch()
         assert got["caption_id"] == expected["caption_id"]
         assert torch.equal(got["image"], expected["image"])  # same augmentation after a resume
+
+
+def _build_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("shard_build", ROOT / "data_shards" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concept_split_is_disjoint_complete_and_seeded():
+    build = _build_module()
+    concepts = [f"c{i}" for i in range(101)]
+    train, test = build.split_concepts(concepts, 0.2, seed=0)
+    assert not set(train) & set(test) and set(train) | set(test) == set(concepts) and len(test) == 20
+    assert build.split_concepts(list(reversed(concepts)), 0.2, seed=0) == (train, test)  # order-free
+    assert build.split_concepts(concepts, 0.2, seed=1)[1] != test
+    assert build.fluent_slug("1st place medal") == "1st-place-medal"
+    assert build.fluent_slug("man’s shoe") == "mans-shoe" and build.fluent_slug("piñata") == "pinata"
+
+
+def test_committed_style_shards_keep_the_questions_apart():
+    """No concept in both train and test-concept; test-style images are only in the held-out style,
+    of training concepts; training captions are English only; test captions cover >= 28 languages."""
+    from proalign.data.shards import expand_shards, iter_raw_samples
+    build = _build_module()
+    metas = {}
+    for split in ("train", "test-style", "test-language", "test-concept"):
+        shards = expand_shards(str(ROOT / "data_shards" / f"styles-{split}-*.tar"))
+        metas[split] = [json.loads(s["json"]) for url in shards for s in iter_raw_samples(url)]
+    concepts = {split: {m["label"] for m in rows} for split, rows in metas.items()}
+    assert not concepts["train"] & concepts["test-concept"]
+    assert concepts["test-style"] == concepts["train"] == concepts["test-language"]
+    assert {m["style"] for m in metas["test-style"]} == {build.HELD_OUT_STYLE}
+    assert {m["style"] for m in metas["train"]} == set(build.TRAIN_STYLES)
+    assert {m["style"] for m in metas["test-language"] + metas["test-concept"]} == {"noto"}
+    assert all(set(m["captions"]) == {"en"} for m in metas["train"])
+    for split in ("test-style", "test-language", "test-concept"):
+        languages = {lang for m in metas[split] for lang in m["captions"]}
+        assert len(languages) >= 28 and languages >= set(build.LANGUAGES)
+    assert len(concepts["train"]) + len(concepts["test-concept"]) > 1500
