@@ -220,6 +220,30 @@ def test_exact_ties_rank_lowest_index_first_at_any_chunk_size(chunk):
     assert got["t2i_R@1"] == pytest.approx(4 / 6)
 
 
+def test_recall_standard_error_and_chance_match_hand_computation():
+    import itertools
+    from proalign.eval.retrieval import recall_uncertainty
+    owners = torch.tensor([0, 0, 1, 2, 2, 2])  # 3 images with 2, 1 and 3 captions
+    metrics = {"t2i_R@1": 0.5, "i2t_R@2": 2 / 3}
+    got = recall_uncertainty(metrics, owners, 3)
+    assert got["t2i_R@1_se"] == pytest.approx((0.25 / 6) ** 0.5)
+    assert got["i2t_R@2_se"] == pytest.approx(((2 / 3) * (1 / 3) / 3) ** 0.5)
+    assert got["t2i_R@1_chance"] == pytest.approx(1 / 3)
+    # i2t chance by enumerating every ordered top-2 of the 6 captions, per image
+    exact = []
+    for image in range(3):
+        tops = list(itertools.permutations(range(6), 2))
+        exact.append(sum(any(owners[t] == image for t in top) for top in tops) / len(tops))
+    assert got["i2t_R@2_chance"] == pytest.approx(sum(exact) / 3)
+
+
+def test_weighted_mean_standard_error():
+    from proalign.eval.report import image_weighted_se, with_se
+    rows = [{"images": 100, "m": 0.2, "m_se": 0.04}, {"images": 300, "m": 0.1, "m_se": 0.02}]
+    assert image_weighted_se(rows, "m") == pytest.approx(((100 * 0.04) ** 2 + (300 * 0.02) ** 2) ** 0.5 / 400)
+    assert with_se(0.1234, 0.0101) == "0.123 ± 0.010" and with_se(0.5, None) == "0.500"
+
+
 def test_zero_shot_accuracy_matches_brute_force():
     g = torch.Generator().manual_seed(2)
     classes = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
@@ -275,8 +299,13 @@ def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
     assert "## Truncated captions" in text and "| urban1k | CLIP text tower | 3 | 1 |" in text
     # per-language tables carry R@5/R@10 and the image/caption counts
     th_row = next(r for r in rows if r["dataset"] == "emoji" and r["language"] == "th" and r["model"] == "tiny")
-    assert f"| tiny | th | {th_row['images']} | {th_row['captions']} | 0 | {th_row['t2i_R@1']:.3f} | " \
-           f"{th_row['t2i_R@5']:.3f} | {th_row['t2i_R@10']:.3f} |" in text
+    def cell(key):
+        return f"{th_row[key]:.3f} ± {th_row[key + '_se']:.3f}"
+    assert f"| tiny | th | {th_row['images']} | {th_row['captions']} | 0 | {cell('t2i_R@1')} | " \
+           f"{cell('t2i_R@5')} | {cell('t2i_R@10')} |" in text
+    # every recall carries its standard error and chance level
+    assert th_row["t2i_R@1_se"] == pytest.approx((th_row["t2i_R@1"] * (1 - th_row["t2i_R@1"]) / 20) ** 0.5)
+    assert th_row["t2i_R@5_chance"] == pytest.approx(5 / th_row["images"])
 
 
 def test_eval_config_errors_name_the_field(tmp_path):

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..data.shards import caption_items, expand_shards, load_image_text
-from .retrieval import retrieval_metrics
+from .retrieval import recall_uncertainty, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def evaluate_loaded(image_encoder, text_encoders, images: torch.Tensor, keys: li
         for name, encode in text_encoders.items():
             text_emb = encode(texts, ids).cpu()
             metrics = retrieval_metrics(image_emb[used], text_emb, target)
+            metrics.update(recall_uncertainty(metrics, target, len(used)))
             row = {"dataset": dataset, "model": name, "language": lang, "images": len(used),
                    "captions": len(texts), **metrics}
             if truncation and name in truncation:

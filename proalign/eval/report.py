@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -27,11 +27,34 @@ def image_weighted_mean(rows: Sequence[dict], metric: str) -> float:
     return sum(r[metric] * r["images"] for r in rows) / weight if weight else float("nan")
 
 
+def image_weighted_se(rows: Sequence[dict], metric: str) -> float:
+    """Standard error of `image_weighted_mean`, treating the languages as independent samples
+    (they share images, so this is a lower bound)."""
+    weight = sum(r["images"] for r in rows)
+    if not weight or any(f"{metric}_se" not in r for r in rows):
+        return float("nan")
+    return sum((r["images"] * r[f"{metric}_se"]) ** 2 for r in rows) ** 0.5 / weight
+
+
+def with_se(value: float, se: Optional[float]) -> str:
+    """`0.123 ± 0.010` (the ± part only when a standard error is known)."""
+    if se is None or se != se:
+        return f"{value:.3f}"
+    return f"{value:.3f} ± {se:.3f}"
+
+
 def language_table(rows: Sequence[dict], metric: str = "t2i_R@1") -> str:
-    models, langs, table = pivot_by_language(rows, metric)
-    out = [dict(language=lang, **{m: table.get((m, lang), float("nan")) for m in models}) for lang in langs]
-    mean = {m: image_weighted_mean([r for r in rows if r["model"] == m], metric) for m in models}
+    """Per-language `metric` ± its standard error for each model, the image-weighted mean and the
+    chance level."""
+    models, langs, _ = pivot_by_language(rows, metric)
+    cells = {(r["model"], r["language"]): with_se(r[metric], r.get(f"{metric}_se")) for r in rows}
+    out = [dict(language=lang, **{m: cells.get((m, lang), "") for m in models}) for lang in langs]
+    mean = {m: with_se(image_weighted_mean(mine, metric), image_weighted_se(mine, metric))
+            for m in models for mine in [[r for r in rows if r["model"] == m]]}
     out.append({"language": "**mean (weighted by images)**", **mean})
+    if all(f"{metric}_chance" in r for r in rows):
+        chance = image_weighted_mean(rows, f"{metric}_chance")
+        out.append({"language": "chance", **{m: f"{chance:.4f}" for m in models}})
     return markdown_table(out, ["language", *models])
 
 
@@ -40,14 +63,19 @@ def plot_languages(rows: Sequence[dict], path: str | Path, metric: str = "t2i_R@
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     models, langs, table = pivot_by_language(rows, metric)
+    errors = {(r["model"], r["language"]): r.get(f"{metric}_se", 0.0) for r in rows}
     width = 0.8 / max(1, len(models))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(langs) * max(1, len(models)) / 1.5), 4))
     for i, model in enumerate(models):
         xs = [j + i * width for j in range(len(langs))]
-        ax.bar(xs, [table.get((model, lang), 0.0) for lang in langs], width, label=model)
+        ax.bar(xs, [table.get((model, lang), 0.0) for lang in langs], width, label=model,
+               yerr=[errors.get((model, lang), 0.0) for lang in langs], capsize=2, error_kw={"linewidth": 0.8})
+    if rows and all(f"{metric}_chance" in r for r in rows):
+        ax.axhline(image_weighted_mean(rows, f"{metric}_chance"), color="black", linestyle="--", linewidth=0.8,
+                   label="chance")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(langs))])
     ax.set_xticklabels(langs, rotation=60, fontsize=8)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"{metric} (± 1 s.e.)" if any(f"{metric}_se" in r for r in rows) else metric)
     ax.set_title(title or metric)
     ax.legend(fontsize=8)
     fig.tight_layout()

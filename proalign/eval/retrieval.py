@@ -83,6 +83,34 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     return out
 
 
+def recall_uncertainty(metrics: dict[str, float], text_to_image: torch.Tensor, n_images: int) -> dict[str, float]:
+    """Standard error and chance level of every `{t2i,i2t}_R@k` in `metrics`.
+
+    A recall is a mean of per-query hits, so its standard error is sqrt(p(1-p)/n) with n the
+    captions (t2i) or the images that have a caption (i2t). Chance: t2i R@k = k/N; i2t R@k is the
+    mean over images of 1 - C(M-c, k)/C(M, k), an image with c of the M captions being found by a
+    random ranking."""
+    owners = text_to_image.to(torch.long)
+    m = len(owners)
+    per_image = torch.bincount(owners, minlength=n_images)
+    per_image = per_image[per_image > 0].double()
+    out = {}
+    for key, value in metrics.items():
+        direction, k = key.split("_R@")
+        k = int(k)
+        if direction == "t2i":
+            n, chance = m, min(1.0, k / n_images)
+        else:
+            n = len(per_image)
+            miss = torch.ones_like(per_image)  # P(no own caption in the top k), sampling without replacement
+            for i in range(min(k, m)):
+                miss = miss * ((m - per_image - i).clamp_min(0) / (m - i))
+            chance = float((1 - miss).mean())
+        out[f"{key}_se"] = (value * (1 - value) / max(1, n)) ** 0.5
+        out[f"{key}_chance"] = chance
+    return out
+
+
 @torch.no_grad()
 def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor,
                        ks: Sequence[int] = (1,)) -> dict[str, float]:

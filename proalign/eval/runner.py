@@ -11,7 +11,7 @@ import torch
 
 from ..config import EvalDatasetConfig, RunConfig
 from .benchmark import evaluate_loaded
-from .report import image_weighted_mean, language_table, markdown_table, plot_languages
+from .report import image_weighted_mean, image_weighted_se, language_table, markdown_table, plot_languages, with_se
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
 RECALL_COLUMNS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]
 
 
+def recall_cells(row: dict) -> dict:
+    """The row with each recall written as `value ± s.e.`, plus its t2i R@1 chance level."""
+    cells = {**row, **{c: with_se(row[c], row.get(f"{c}_se")) for c in RECALL_COLUMNS if c in row}}
+    if "t2i_R@1_chance" in row:
+        cells["chance t2i R@1"] = f"{row['t2i_R@1_chance']:.4f}"
+    return cells
+
+
 def truncation_rows(rows: list[dict]) -> list[dict]:
     """Per dataset and text tower: captions seen and captions cut at the tower's length limit."""
     totals: dict[tuple, dict] = {}
@@ -90,7 +98,7 @@ def write_eval_report(rows: list[dict], out: Path) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     parts = ["# proalign eval", ""]
-    detail = ["model", "language", "images", "captions", "truncated", *RECALL_COLUMNS]
+    detail = ["model", "language", "images", "captions", "truncated", *RECALL_COLUMNS, "chance t2i R@1"]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         subset = [r for r in rows if r["dataset"] == dataset]
         languages = {r["language"] for r in subset}
@@ -102,18 +110,19 @@ def write_eval_report(rows: list[dict], out: Path) -> Path:
                       "Image→text R@1:", "", language_table(subset, "i2t_R@1"), "", f"![{dataset}]({plot.name})", "",
                       "Per language: R@1/5/10 both ways, images and captions in that language, and captions "
                       "cut at the text tower's length limit:", ""]
-        parts += [markdown_table(subset, detail), ""]
+        parts += [markdown_table([recall_cells(r) for r in subset], detail), ""]
     cut = truncation_rows(rows)
     if cut:
         parts += ["## Truncated captions", "", "Captions longer than the text tower's limit (CLIP: its context "
                   "length; LLM embedder: `embedder.max_length`; CoOp: that minus the context) are cut:", "",
                   markdown_table(cut, ["dataset", "model", "captions", "truncated"]), ""]
-    summary = [{"dataset": r["dataset"], "model": r["model"], "language": "all", "t2i_R@1": r["t2i_R@1"]}
-               for r in _mean_by(rows)]
+    summary = _mean_by(rows)
     plot_path = out / "eval_t2i_r1.png"
     plot_languages([{**r, "language": r["dataset"]} for r in summary], plot_path, "t2i_R@1",
                    "text→image R@1 (mean over languages) per dataset")
-    parts += ["## Summary (mean over languages, each weighted by its number of images)", "", markdown_table(summary, ["dataset", "model", "t2i_R@1"]), "",
+    parts += ["## Summary (mean over languages, each weighted by its number of images; ± 1 s.e.)", "",
+              markdown_table([{**r, "t2i_R@1": with_se(r["t2i_R@1"], r["t2i_R@1_se"])} for r in summary],
+                             ["dataset", "model", "t2i_R@1"]), "",
               f"![summary]({plot_path.name})", ""]
     path = out / "results.md"
     path.write_text("\n".join(parts))
@@ -125,4 +134,5 @@ def _mean_by(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["model"]), []).append(r)
-    return [{"dataset": d, "model": m, "t2i_R@1": image_weighted_mean(v, "t2i_R@1")} for (d, m), v in groups.items()]
+    return [{"dataset": d, "model": m, "language": "all", "t2i_R@1": image_weighted_mean(v, "t2i_R@1"),
+             "t2i_R@1_se": image_weighted_se(v, "t2i_R@1")} for (d, m), v in groups.items()]
