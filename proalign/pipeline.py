@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,6 @@ import torch
 from . import engine
 from .config import OptimConfig, RunConfig, TrainConfig
 from .data.cache import EmbeddingCache
-from .data.shards import expand_shards
 from .models.proclip import ProCLIP
 from .models.towers import context_length, count_truncated, encode_clip_text, module_fingerprint
 
@@ -27,10 +27,6 @@ def cache_root(cfg: RunConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
 
 
-def _all_shards(cfg: RunConfig) -> list[str]:
-    return expand_shards(list(cfg.data.train_shards) + list(cfg.data.eval_shards))
-
-
 def llm_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
     return EmbeddingCache(cache_root(cfg), "llm", model.embedder.fingerprint())
 
@@ -39,18 +35,30 @@ def teacher_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
     return EmbeddingCache(cache_root(cfg), "clip", module_fingerprint(model.clip))
 
 
+def cache_languages(cfg: RunConfig) -> list[tuple[list[str], Optional[list[str]]]]:
+    """(shards, languages) to encode: the training shards in the training languages, the eval
+    shards in `data.eval_languages` (plus the training ones; empty: every language)."""
+    train = list(cfg.data.train_shards)
+    evals = [s for s in cfg.data.eval_shards if s not in train]
+    eval_langs = sorted(set(cfg.data.eval_languages) | set(cfg.data.train_languages)) if cfg.data.eval_languages else None
+    return [(shards, langs) for shards, langs in ((train, list(cfg.data.train_languages)), (evals, eval_langs)) if shards]
+
+
 def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress: bool = True) -> dict:
-    """Encode all captions once with the LLM embedder and (optionally) the CLIP text teacher."""
-    shards = _all_shards(cfg)
+    """Encode the captions once with the LLM embedder and (optionally) the CLIP text teacher."""
     bs = cfg.embedder.batch_size
-    stats = {"llm": llm_cache(cfg, model).build(
-        shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), progress=progress)}
-    if teacher:
-        ctx, tok = context_length(model.clip), model.clip_tokenizer
-        model.clip.eval()
-        stats["clip"] = teacher_cache(cfg, model).build(
-            shards, lambda texts: encode_clip_text(model.clip, tok, texts),
-            extra=lambda texts: {"truncated": count_truncated(tok, texts, ctx)}, progress=progress)
+    stats: dict = {"llm": Counter(), "clip": Counter()}
+    ctx, tok = context_length(model.clip), model.clip_tokenizer
+    model.clip.eval()
+    for shards, languages in cache_languages(cfg):
+        stats["llm"].update(llm_cache(cfg, model).build(
+            shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
+            progress=progress))
+        if teacher:
+            stats["clip"].update(teacher_cache(cfg, model).build(
+                shards, lambda texts: encode_clip_text(model.clip, tok, texts), languages,
+                extra=lambda texts: {"truncated": count_truncated(tok, texts, ctx)}, progress=progress))
+    stats = {k: dict(v) for k, v in stats.items() if v}
     stats["embedder_truncated"] = model.embedder.truncated_count
     return stats
 
@@ -103,8 +111,7 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     torch.manual_seed(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
     if rank == 0:  # one writer; the other ranks wait, then read
-        llm_cache(cfg, model).build(_all_shards(cfg), lambda t: model.embedder.encode(t, batch_size=cfg.embedder.batch_size),
-                                    progress=progress)
+        build_caches(cfg, model, teacher=False, progress=progress)
     if world > 1:
         dist.barrier()
     before = evaluate_heldout(cfg, model) if cfg.data.eval_shards and rank == 0 else {}

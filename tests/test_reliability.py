@@ -288,3 +288,27 @@ def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(tmp_path):
     assert proc.returncode == 1
     assert f"error: no usable sample in 2 passes over 1 shard(s) ({shard})" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr) < 5000  # no flood of repeated warnings
+
+
+def test_cache_encodes_each_text_once_and_knows_its_languages(tmp_path):
+    from proalign.data.cache import EmbeddingCache, StaleCacheError
+    multi = [(f"s{i}.jpg", _jpeg()) for i in range(4)]
+    metas = [{"captions": {"en": ["cat" if i % 2 else "dog"], "de": ["Katze" if i % 2 else "Hund"]}} for i in range(4)]
+    members = [m for i in range(4) for m in (multi[i], (f"s{i}.json", json.dumps(metas[i]).encode()))]
+    a = write_shard(tmp_path / "a-000.tar", members)
+    b = write_shard(tmp_path / "b-000.tar", members)  # the same texts again, in another shard
+    seen = []
+
+    def encode(texts):
+        seen.extend(texts)
+        return torch.tensor([[float(len(t)), float(sum(map(ord, t)))] for t in texts])
+    cache = EmbeddingCache(tmp_path / "cache", "llm", "e" * 16)
+    stats = cache.build([str(a), str(b)], encode, ["en"], progress=False)
+    assert sorted(seen) == ["cat", "dog"] and stats["texts_encoded"] == 2 and stats["captions_encoded"] == 8
+    ids, feats, _ = cache.load([str(a), str(b)], ["en"])
+    expected = ["cat" if int(cid.split("|")[0][1:]) % 2 else "dog" for cid in ids]  # ids: s<i>|en|0
+    assert torch.equal(feats, encode(expected))
+    with pytest.raises(StaleCacheError, match=r"cached for languages \['en'\]"):
+        cache.load([str(a)], ["en", "de"])
+    cache.build([str(a)], encode, ["en", "de"], progress=False)  # re-encoded for the wider set
+    assert len(cache.load([str(a)], ["en", "de"])[0]) == 8

@@ -56,8 +56,8 @@ class EmbeddingCache:
         stem = name[:-4] if name.endswith(".tar") else name
         return self.dir / f"{stem}.safetensors"
 
-    def _check(self, url: str) -> Optional[str]:
-        """None if the sidecar of `url` is present and current, else why not."""
+    def _check(self, url: str, languages: Optional[Sequence[str]] = None) -> Optional[str]:
+        """None if the sidecar of `url` is present, current and holds `languages` (None: all), else why not."""
         path = self.sidecar(url)
         if not path.exists():
             return "missing"
@@ -67,17 +67,27 @@ class EmbeddingCache:
             return "written by another encoder version"
         if meta.get("shard_size") != str(Path(url).stat().st_size) or meta.get("shard_sha256") != shard_digest(url):
             return "its shard changed since it was cached"
+        cached = json.loads(meta.get("languages", "null"))
+        if cached is not None and (languages is None or not set(languages) <= set(cached)):
+            return f"cached for languages {cached}, not {sorted(languages) if languages else 'all'}"
         return None
 
     def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
-              extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True) -> dict:
-        """Encode every caption of every shard not yet cached. Returns counts."""
+              extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True,
+              memo_bytes: int = 256 * 2**20) -> dict:
+        """Encode every caption of every shard not yet cached. Returns counts.
+
+        A text repeated within or across the shards of this call (a concept drawn in several
+        styles, the same names in two test splits) is encoded once: the embeddings of texts already
+        seen are kept, up to `memo_bytes`, and reused."""
         from tqdm.auto import tqdm
         self.dir.mkdir(parents=True, exist_ok=True)
         stats: Counter = Counter()
         urls = expand_shards(shards)
+        memo: dict[str, torch.Tensor] = {}
+        memo_used = 0
         for url in tqdm(urls, desc=f"cache {self.kind}", disable=not progress, unit="shard"):
-            reason = self._check(url)
+            reason = self._check(url, languages)
             if reason is None:
                 stats["shards_reused"] += 1
                 continue
@@ -88,13 +98,24 @@ class EmbeddingCache:
             stats.update(skips)
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
-            emb = encode(texts) if texts else torch.empty(0, 0)
+            fresh = list(dict.fromkeys(t for t in texts if t not in memo))
+            if fresh:
+                known = dict(zip(fresh, encode(fresh).float()))
+                stats["texts_encoded"] += len(fresh)
+            else:
+                known = {}
+            for text, row in known.items():
+                if memo_used + row.numel() * 4 <= memo_bytes:
+                    memo[text] = row
+                    memo_used += row.numel() * 4
+            emb = torch.stack([known[t] if t in known else memo[t] for t in texts]) if texts else torch.empty(0, 0)
             samples = len({cid.rsplit("|", 2)[0] for cid in ids})
             if skips:
                 log.info("%s: %d samples with captions; skipped %s", url, samples, dict(skips))
             meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": Path(url).name,
                     "shard_size": str(Path(url).stat().st_size), "shard_sha256": shard_digest(url),
                     "samples": str(samples), "skips": json.dumps(dict(skips)),
+                    "languages": json.dumps(sorted(languages) if languages else None),
                     "ids": json.dumps(ids, ensure_ascii=False)}
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
@@ -109,7 +130,7 @@ class EmbeddingCache:
         ids: list[str] = []
         mats, extras, skips, shard_samples = [], Counter(), Counter(), {}
         for url in expand_shards(shards):
-            reason = self._check(url)
+            reason = self._check(url, languages)
             if reason is not None:
                 raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache` "
                                       f"(cache dir {self.dir})")
@@ -121,7 +142,7 @@ class EmbeddingCache:
             skips.update(json.loads(meta["skips"]))
             for key, value in meta.items():
                 if key not in ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips",
-                               "ids"):
+                               "languages", "ids"):
                     extras[key] += json.loads(value)
             if languages:
                 keep = [i for i, cid in enumerate(shard_ids) if cid.split("|")[-2] in languages]
