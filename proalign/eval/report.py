@@ -43,15 +43,16 @@ def with_se(value: float, se: Optional[float]) -> str:
     return f"{value:.3f} ± {se:.3f}"
 
 
-def language_table(rows: Sequence[dict], metric: str = "t2i_R@1") -> str:
-    """Per-language `metric` ± its standard error for each model, the image-weighted mean and the
-    chance level."""
+def language_table(rows: Sequence[dict], metric: str = "t2i_R@1", mean_excludes: Sequence[str] = ()) -> str:
+    """Per-language `metric` ± its standard error for each model, the image-weighted mean (over
+    the languages not in `mean_excludes`) and the chance level."""
     models, langs, _ = pivot_by_language(rows, metric)
     cells = {(r["model"], r["language"]): with_se(r[metric], r.get(f"{metric}_se")) for r in rows}
     out = [dict(language=lang, **{m: cells.get((m, lang), "") for m in models}) for lang in langs]
     mean = {m: with_se(image_weighted_mean(mine, metric), image_weighted_se(mine, metric))
-            for m in models for mine in [[r for r in rows if r["model"] == m]]}
-    out.append({"language": "**mean (weighted by images)**", **mean})
+            for m in models for mine in [[r for r in rows if r["model"] == m and r["language"] not in mean_excludes]]}
+    label = f"mean without {', '.join(mean_excludes)}" if mean_excludes else "mean"
+    out.append({"language": f"**{label} (weighted by images)**", **mean})
     if all(f"{metric}_chance" in r for r in rows):
         chance = image_weighted_mean(rows, f"{metric}_chance")
         out.append({"language": "chance", **{m: f"{chance:.4f}" for m in models}})
