@@ -13,7 +13,6 @@ import logging
 import os
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
