@@ -97,9 +97,9 @@ class _Timer:
 class DemoEvaluation:
     """The demo's eval sets, decoded once, and the rows of every model on them."""
 
-    def __init__(self, cfg: RunConfig, model: ProCLIP, llm_cache: dict[str, torch.Tensor]):
+    def __init__(self, cfg: RunConfig, model: ProCLIP, llm_cache: dict[str, torch.Tensor], languages: list[str]):
         self.cfg, self.model, self.llm_cache = cfg, model, llm_cache
-        self.languages = list(cfg.data.eval_languages) or None
+        self.languages = languages
         groups: dict[str, list[str]] = {}
         for shard in expand_shards(cfg.data.eval_shards):
             groups.setdefault(dataset_name(shard), []).append(shard)
@@ -160,24 +160,27 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
         model = ProCLIP.from_config(cfg)
     with timer("embedding cache"):
         pipeline.build_caches(cfg, model, progress=progress)
-    eval_languages = sorted(set(cfg.data.eval_languages) | set(cfg.data.train_languages))
+    # the languages the eval caches hold (pipeline.cache_languages); empty eval_languages: all
+    eval_languages = sorted(set(cfg.data.eval_languages) | set(cfg.data.train_languages)) if cfg.data.eval_languages else None
     llm_ids, llm_feats, _ = pipeline.llm_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
     clip_ids, clip_feats, _ = pipeline.teacher_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
     with timer("decode eval images"):
-        evaluation = DemoEvaluation(cfg, model, dict(zip(llm_ids, llm_feats)))
+        evaluation = DemoEvaluation(cfg, model, dict(zip(llm_ids, llm_feats)), eval_languages)
 
     text_rows: list[dict] = []
-    # test-style names the same concepts as test-language: its text measure would repeat that one
-    text_sets = {name for name in evaluation.sets if not name.endswith("test-style")}
+    text_languages = eval_languages or sorted({cid.rsplit("|", 2)[1] for cid in llm_ids})
+
+    def subset(ids, feats, keys):
+        pick = [i for i, cid in enumerate(ids) if cid.rsplit("|", 2)[0] in keys]
+        return [ids[i] for i in pick], feats[pick]
+    # each eval set's cached names, split out once; test-style names the same concepts as
+    # test-language, so its text measure would only repeat that one
+    text_sets = {name: (*subset(llm_ids, llm_feats, set(keys)), *subset(clip_ids, clip_feats, set(keys)))
+                 for name, (_, keys, _) in sorted(evaluation.sets.items()) if not name.endswith("test-style")}
 
     def text_measure(students: dict) -> None:
-        for name in sorted(text_sets):
-            keys = set(evaluation.sets[name][1])
-            pick = [i for i, cid in enumerate(llm_ids) if cid.rsplit("|", 2)[0] in keys]
-            pick_clip = [i for i, cid in enumerate(clip_ids) if cid.rsplit("|", 2)[0] in keys]
-            text_rows.extend(text_transfer_rows([llm_ids[i] for i in pick], llm_feats[pick],
-                                                [clip_ids[i] for i in pick_clip], clip_feats[pick_clip],
-                                                eval_languages, students, name))
+        for name, (l_ids, l_feats, c_ids, c_feats) in text_sets.items():
+            text_rows.extend(text_transfer_rows(l_ids, l_feats, c_ids, c_feats, text_languages, students, name))
 
     adapter_fn = lambda feats: model.encode_llm_features(feats, normalize=False)  # noqa: E731
     with timer("text measure, before stage 1"):
