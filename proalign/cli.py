@@ -64,18 +64,22 @@ def _dispatch(args) -> int:
         run_demo(args.output_dir, args.config, args.set, resume=args.resume, progress=progress)
         return 0
     cfg = _load(args)  # validated before torch and the models are imported
-    from . import pipeline
     if args.command == "cache":
         from .models.proclip import ProCLIP
-        print(pipeline.build_caches(cfg, ProCLIP.from_config(cfg), progress=progress))
+        from .stages.cache import build_caches
+        print(build_caches(cfg, ProCLIP.from_config(cfg), progress=progress))
     elif args.command == "teacher":
-        pipeline.run_teacher(cfg, args.resume, progress=progress)
+        from .stages.teacher import run_teacher
+        run_teacher(cfg, args.resume, progress=progress)
     elif args.command == "stage1":
-        pipeline.run_stage1(cfg, args.resume, progress=progress)
+        from .stages.stage1 import run_stage1
+        run_stage1(cfg, args.resume, progress=progress)
     elif args.command == "stage2":
-        pipeline.run_stage2(cfg, args.resume, progress=progress)
+        from .stages.stage2 import run_stage2
+        run_stage2(cfg, args.resume, progress=progress)
     elif args.command == "coop":
-        pipeline.run_coop(cfg, args.resume, progress=progress)
+        from .stages.coop import run_coop
+        run_coop(cfg, args.resume, progress=progress)
     elif args.command == "eval":
         from .eval.runner import run_eval
         run_eval(cfg, progress=progress)

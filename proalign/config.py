@@ -76,7 +76,6 @@ class DataConfig:
     eval_languages: list = field(default_factory=list)
     image_size: Optional[int] = None
     num_workers: int = 0
-    max_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     cache_dir: Optional[str] = None
 
@@ -120,12 +119,15 @@ class Stage2Config:
     init_logit_scale: float = 1.0 / 0.07
     max_logit_scale: float = 100.0
     reduction: Literal["sum", "mean"] = "sum"
+    # More registered loss terms (proalign/losses.py `register_loss`), by name -> weight.
+    extra_losses: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class TeacherConfig:
     """Pre-training of a small English CLIP (the demo's stand-in for an English-centric CLIP)."""
+    max_logit_scale: float = 100.0
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

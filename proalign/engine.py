@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from .config import OptimConfig, RunConfig, TrainConfig, save_config
 from .errors import ProalignError
-from .models.checkpoint import CheckpointManager
+from .checkpoints import CheckpointManager
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class StageTask(nn.Module, abc.ABC):
 
     def skip_counts(self) -> dict:
         return {}
+
+    train_cfg: TrainConfig  # steps, batch size, schedule: the one source of both
 
     def evaluate(self) -> dict:
         """Held-out metrics, run on rank 0 every `train.eval_every` steps (none by default)."""
@@ -161,9 +164,9 @@ def _kill_hook(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(task: StageTask, cfg: RunConfig, train_cfg: TrainConfig, run_dir: str | Path,
-          resume: bool = False, device: Optional[torch.device] = None, progress: bool = True) -> dict:
-    """Run `train_cfg.steps` optimizer steps of `task`; returns the last logged metrics."""
+def train(task: StageTask, cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+          device: Optional[torch.device] = None, progress: bool = True) -> dict:
+    """Run `task.train_cfg.steps` optimizer steps of `task`; returns the last logged metrics."""
     run_dir = Path(run_dir)
     device = device or resolve_device(cfg.device)
     use_ds = bool(cfg.deepspeed)
@@ -174,22 +177,42 @@ def train(task: StageTask, cfg: RunConfig, train_cfg: TrainConfig, run_dir: str 
             log.warning("deepspeed not installed: running %s in plain torch", task.name)
             use_ds = False
     rank, world = init_distributed(device, use_ds)
-    is_main = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
+    if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     task.to(device)
     threads = torch.get_num_threads()
     if cfg.deterministic and device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds, rank, world, is_main)
+        run = _setup(task, cfg, run_dir, device, use_ds, rank, world)
+        if resume:
+            _resume(run)
+        return _loop(run, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds, rank, world, is_main):
-    from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """Everything one training run holds, built by `_setup`."""
+    task: StageTask
+    train_cfg: TrainConfig
+    model: nn.Module               # the task, or its DDP/DeepSpeed wrapper
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ds_engine: object
+    ckpt: CheckpointManager
+    run_dir: Path
+    is_main: bool
+    start_step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+
+
+def _setup(task: StageTask, cfg: RunConfig, run_dir: Path, device, use_ds: bool, rank: int, world: int) -> _Run:
+    train_cfg = task.train_cfg
     params = [p for p in task.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{task.name}: nothing to train (no parameter requires grad)")
@@ -205,82 +228,101 @@ def _train_loop(task, cfg, train_cfg, run_dir, resume, device, progress, use_ds,
         model = ds_engine
     elif world > 1:
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(task, train_cfg, model, params, optimizer, scheduler, ds_engine, CheckpointManager(run_dir / task.name),
+                run_dir, rank == 0)
 
-    ckpt = CheckpointManager(run_dir / task.name)
-    start_step = 0
-    if resume:
-        latest = ckpt.latest(require="deepspeed" if use_ds else None)
-        if latest is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt.root)
-        else:
-            tensors, state = ckpt.load(latest, None if use_ds else optimizer)
-            task.load_state_dict(tensors, strict=True)
-            if use_ds:
-                load_deepspeed_checkpoint(ds_engine, latest / "deepspeed")
-            else:
-                scheduler.load_state_dict(state["scheduler"])
-            random.setstate(_tuples(state["python_rng"]))
-            np.random.set_state(_np_state(state["numpy_rng"]))
-            task.load_data_state(state.get("data", {}))
-            start_step = state["step"]
-            log.info("resumed %s from %s (step %d)", task.name, latest, start_step)
 
-    metrics_log = JsonlLogger(run_dir, is_main, task.name)
-    nonfinite_total, nonfinite_run = 0, 0
+def _resume(run: _Run) -> None:
+    """Weights, optimizer, scheduler, RNGs and the data position of the latest checkpoint."""
+    latest = run.ckpt.latest(require="deepspeed" if run.ds_engine is not None else None)
+    if latest is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", run.ckpt.root)
+        return
+    tensors, state = run.ckpt.load(latest, None if run.ds_engine is not None else run.optimizer)
+    run.task.load_state_dict(tensors, strict=True)
+    if run.ds_engine is not None:
+        load_deepspeed_checkpoint(run.ds_engine, latest / "deepspeed")
+    else:
+        run.scheduler.load_state_dict(state["scheduler"])
+    random.setstate(_tuples(state["python_rng"]))
+    np.random.set_state(_np_state(state["numpy_rng"]))
+    run.task.load_data_state(state.get("data", {}))
+    run.start_step = state["step"]
+    log.info("resumed %s from %s (step %d)", run.task.name, latest, run.start_step)
+
+
+def _loop(run: _Run, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+    task, train_cfg = run.task, run.train_cfg
+    metrics_log = JsonlLogger(run.run_dir, run.is_main, task.name)
     last: dict = {}
-    bar = tqdm(range(start_step, train_cfg.steps), initial=start_step, total=train_cfg.steps,
-               desc=task.name, disable=not (progress and is_main), unit="step")
-    model.train()
+    bar = tqdm(range(run.start_step, train_cfg.steps), initial=run.start_step, total=train_cfg.steps,
+               desc=task.name, disable=not (progress and run.is_main), unit="step")
+    run.model.train()
     for step in bar:
-        batch = task.next_batch()
-        loss, metrics = model(batch)
-        if not torch.isfinite(loss):
-            nonfinite_total += 1
-            nonfinite_run += 1
-            log.warning("%s step %d: non-finite loss %s skipped (%d so far)", task.name, step, loss.item(),
-                        nonfinite_total)
-            if nonfinite_run >= train_cfg.max_nonfinite_steps:
-                raise NonFiniteLossError(f"{task.name}: {nonfinite_run} consecutive non-finite losses at step "
-                                         f"{step}; lower the learning rate or check the data")
-            optimizer.zero_grad(set_to_none=True)
+        loss, metrics = run.model(task.next_batch())
+        if not _finite_or_skip(run, loss, step):
             continue
-        nonfinite_run = 0
-        if ds_engine is not None:
-            ds_engine.backward(loss)
-            ds_engine.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.optim.grad_clip:
-                nn.utils.clip_grad_norm_(params, train_cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+        _optimizer_step(run, loss)
         task.after_step()
         done = step + 1
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            last = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                    **{k: float(v) for k, v in metrics.items()}, "nonfinite_skipped": nonfinite_total,
+            last = {"loss": loss.item(), "lr": run.optimizer.param_groups[0]["lr"],
+                    **{k: float(v) for k, v in metrics.items()}, "nonfinite_skipped": run.nonfinite_total,
                     **{f"skipped_{k}": v for k, v in task.skip_counts().items()}}
             metrics_log.write(done, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and is_main:
-            scores = {f"eval_{k}": float(v) for k, v in task.evaluate().items()}
-            if scores:
-                metrics_log.write(done, scores)
-                log.info("%s step %d: %s", task.name, done, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-            model.train()
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and run.is_main:
+            _evaluate(run, metrics_log, done)
         if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
-            _save(ckpt, done, task, optimizer, scheduler, ds_engine, is_main)
+            _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main)
         _kill_hook(done)
     metrics_log.close()
-    if nonfinite_run:
+    if run.nonfinite_run:
         # The weights that produced these losses are not trustworthy: no export, no summary.
-        good = ckpt.finished()
+        good = run.ckpt.finished()
         raise NonFiniteLossError(
-            f"{task.name}: the last {nonfinite_run} step(s) gave non-finite losses ({nonfinite_total} in the run); "
-            f"the model is not exported. The last good checkpoint stays: "
+            f"{task.name}: the last {run.nonfinite_run} step(s) gave non-finite losses ({run.nonfinite_total} in the "
+            f"run); the model is not exported. The last good checkpoint stays: "
             f"{good[-1] if good else 'none was written'}. Lower the learning rate or check the data")
     return last
+
+
+def _finite_or_skip(run: _Run, loss: torch.Tensor, step: int) -> bool:
+    """The non-finite policy: a non-finite loss is skipped and counted; too many in a row abort."""
+    if torch.isfinite(loss):
+        run.nonfinite_run = 0
+        return True
+    run.nonfinite_total += 1
+    run.nonfinite_run += 1
+    log.warning("%s step %d: non-finite loss %s skipped (%d so far)", run.task.name, step, loss.item(),
+                run.nonfinite_total)
+    if run.nonfinite_run >= run.train_cfg.max_nonfinite_steps:
+        raise NonFiniteLossError(f"{run.task.name}: {run.nonfinite_run} consecutive non-finite losses at step "
+                                 f"{step}; lower the learning rate or check the data")
+    run.optimizer.zero_grad(set_to_none=True)
+    return False
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    if run.ds_engine is not None:
+        run.ds_engine.backward(loss)
+        run.ds_engine.step()
+        return
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.train_cfg.optim.grad_clip:
+        nn.utils.clip_grad_norm_(run.params, run.train_cfg.optim.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+
+
+def _evaluate(run: _Run, metrics_log: JsonlLogger, done: int) -> None:
+    scores = {f"eval_{k}": float(v) for k, v in run.task.evaluate().items()}
+    if scores:
+        metrics_log.write(done, scores)
+        log.info("%s step %d: %s", run.task.name, done, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    run.model.train()
 
 
 def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, scheduler, ds_engine, is_main: bool):

@@ -1,7 +1,6 @@
 """ProCLIP losses. Inputs are raw features; every loss L2-normalises before comparing."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -148,30 +147,101 @@ def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reducti
     return total, {"sd_instance": parts["loss_instance"], "sd_structure": parts["loss_structure"]}
 
 
-class LogitScale(nn.Module):
-    """Learnable inverse temperature, stored as a log in a (1,)-shaped parameter (DeepSpeed
-    cannot broadcast 0-dim parameters) and clamped to [ln minimum, ln maximum] after each
-    optimizer step; the reference clamps the log to [0, ln 100]."""
+# --------------------------------------------------------------------------- loss terms as modules
+# A stage's objective is a weighted sum of registered terms. A new term is one class here,
+# registered by name, plus its weight in the config (`stage2.extra_losses: {name: weight}`).
 
-    def __init__(self, init: float = 1.0 / 0.07, maximum: float = 100.0, minimum: float = 1.0):
+LOSS_TERMS: dict[str, type["LossTerm"]] = {}
+
+
+def register_loss(name: str):
+    def add(cls):
+        if name in LOSS_TERMS:
+            raise ValueError(f"loss term {name!r} is already registered ({LOSS_TERMS[name].__name__})")
+        cls.term = name
+        LOSS_TERMS[name] = cls
+        return cls
+    return add
+
+
+class LossTerm(nn.Module):
+    """One named term. `needs` lists the features it reads from the task's feature dict;
+    `forward(features)` returns {term: value, **diagnostics}: the total sums the value under the
+    term's own name, the rest is only logged. `reduction` is the stage's (`sum` or `mean`)."""
+
+    term = "term"
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, reduction: str = "sum"):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
-        self.min_log, self.max_log = math.log(minimum), math.log(maximum)
+        self.reduction = reduction
 
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.exp()
 
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        self.log_scale.clamp_(self.min_log, self.max_log)
+@register_loss("instance")
+class InstanceTerm(LossTerm):
+    """Stage 1: each student embedding against its teacher embedding."""
+    needs = ("student", "teacher")
 
-    @torch.no_grad()
-    def export_to(self, clip: nn.Module) -> None:
-        """Write the learned value into an open_clip model's 0-dim `logit_scale` (re-created if
-        it was removed for DeepSpeed)."""
-        value = self.log_scale.detach().squeeze().clone()
-        current = getattr(clip, "logit_scale", None)
-        if isinstance(current, torch.Tensor):
-            current.copy_(value.to(current.device))
-        else:
-            clip.logit_scale = nn.Parameter(value)
+    def forward(self, f: dict) -> dict:
+        return {self.term: instance_loss(f["student"], f["teacher"], self.reduction)}
+
+
+@register_loss("structure")
+class StructureTerm(LossTerm):
+    """Stage 1: the in-batch distances of the student against the teacher's."""
+    needs = ("student", "teacher")
+
+    def forward(self, f: dict) -> dict:
+        return {self.term: structure_loss(f["student"], f["teacher"], self.reduction)}
+
+
+@register_loss("contrastive")
+class ContrastiveTerm(LossTerm):
+    """Symmetric InfoNCE between image and text features on the global batch."""
+    needs = ("image", "text", "logit_scale")
+
+    def forward(self, f: dict) -> dict:
+        return {self.term: infonce_loss(f["image"], f["text"], f["logit_scale"])}
+
+
+@register_loss("self_distillation")
+class SelfDistillationTerm(LossTerm):
+    """Stage 2: the image tower against its EMA copy (instance + structure, global batch)."""
+    needs = ("image", "ema_image")
+
+    def forward(self, f: dict) -> dict:
+        total, parts = self_distillation_loss(f["image"], f["ema_image"], self.reduction)
+        return {self.term: total, **parts}
+
+
+class Objective(nn.Module):
+    """sum_k weight_k * term_k over the registered terms named in `weights` (zero weights are
+    left out, so their inputs need not be computed). Returns (total, detached log values:
+    `loss_<term>` per term plus each term's diagnostics)."""
+
+    def __init__(self, weights: dict[str, float], reduction: str = "sum", where: str = "loss"):
+        super().__init__()
+        unknown = [name for name in weights if name not in LOSS_TERMS]
+        if unknown:
+            from .config import ConfigError
+            raise ConfigError(f"{where}.{unknown[0]}: unknown loss term (registered: {', '.join(sorted(LOSS_TERMS))})")
+        self.weights = {name: float(w) for name, w in weights.items() if w != 0}
+        if not self.weights:
+            from .config import ConfigError
+            raise ConfigError(f"{where}: every loss weight is zero: nothing to train")
+        self.terms = nn.ModuleDict({name: LOSS_TERMS[name](reduction) for name in self.weights})
+
+    @property
+    def needs(self) -> set[str]:
+        return {need for term in self.terms.values() for need in term.needs}
+
+    def forward(self, features: dict):
+        total, logged = None, {}
+        for name, term in self.terms.items():
+            out = term(features)
+            value = out.pop(name)
+            weighted = self.weights[name] * value
+            total = weighted if total is None else total + weighted
+            logged[f"loss_{name}"] = value.detach()
+            logged.update({k: v.detach() for k, v in out.items()})
+        return total, logged

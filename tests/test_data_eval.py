@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from proalign.data.readers import DatasetFormatError, load_records, read_dataset
-from proalign.eval.retrieval import retrieval_metrics, zero_shot_accuracy
+from proalign.eval.retrieval import retrieval_metrics
+from proalign.eval.zeroshot import zero_shot_accuracy
 
 from conftest import ROOT
 

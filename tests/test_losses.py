@@ -141,7 +141,7 @@ def test_distillation_reduction_governs_both_terms():
 def test_logit_scale_is_clamped_to_the_reference_range():
     """The reference clamps log(scale) to [0, ln 100] after every step."""
     import math
-    from proalign.losses import LogitScale
+    from proalign.models.logit_scale import LogitScale
     scale = LogitScale(1 / 0.07, maximum=100.0)
     with torch.no_grad():
         scale.log_scale.fill_(-3.0)

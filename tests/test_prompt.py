@@ -160,7 +160,7 @@ def _synthetic_task(model, names, shots=4, test=8, noise=0.05, seed=0):
 def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny_cfg):
     from proalign import engine
     from proalign.config import OptimConfig, TrainConfig
-    from proalign.eval.retrieval import zero_shot_accuracy
+    from proalign.eval.zeroshot import zero_shot_accuracy
     from proalign.models.proclip import ProCLIP
     from proalign.models.towers import module_fingerprint
     from proalign.tasks import CoopTask

@@ -190,7 +190,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_retention_counts_finished_checkpoints_only_and_resume_falls_back(tmp_path, caplog):
-    from proalign.models.checkpoint import CheckpointManager
+    from proalign.checkpoints import CheckpointManager
     ckpt = CheckpointManager(tmp_path, keep=2)
     for step in (2, 4, 6):
         (ckpt.root / f"step-{step:07d}-ds").mkdir(parents=True)  # DeepSpeed's folder, mid-save

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ProalignError
-from ..models.checkpoint import save_tensors
+from ..storage import save_tensors
 from .shards import expand_shards, read_captions
 
 log = logging.getLogger(__name__)
@@ -153,3 +153,27 @@ class EmbeddingCache:
                 mats.append(emb)
         matrix = torch.cat(mats) if mats else torch.empty(0)
         return ids, matrix, {**extras, "shard_samples": shard_samples, "skips": dict(skips)}
+
+
+class CachedTextFeatures:
+    """Caption id -> cached embedding, encoding the captions the cache lacks with `encode_missing`
+    (texts -> rows) and keeping them. Stage 2 and the evaluators read LLM features through this."""
+
+    def __init__(self, ids: Sequence[str], feats: torch.Tensor,
+                 encode_missing: Optional[Callable[[list[str]], torch.Tensor]] = None, what: str = "cache"):
+        self.rows = dict(zip(ids, feats))
+        self.encode_missing, self.what = encode_missing, what
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, ids: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+        rows = [self.rows.get(i) for i in ids]
+        missing = [k for k, r in enumerate(rows) if r is None]
+        if missing:
+            if self.encode_missing is None:
+                raise KeyError(f"{self.what}: caption {ids[missing[0]]} is not in the embedding cache")
+            fresh = self.encode_missing([texts[k] for k in missing])
+            for k, row in zip(missing, fresh):
+                rows[k] = self.rows[ids[k]] = row
+        return torch.stack(rows)

@@ -97,7 +97,3 @@ def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, see
     if skips:
         log.warning("labelled set %s: skipped %s", shards, dict(skips))
     return LabelledImages(torch.stack(images), torch.tensor(labels), classes, [names[c] for c in classes], skips)
-
-
-def class_index_map(classes: Sequence[str]) -> dict[str, int]:
-    return {c: i for i, c in enumerate(classes)}

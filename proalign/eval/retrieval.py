@@ -109,15 +109,3 @@ def recall_uncertainty(metrics: dict[str, float], text_to_image: torch.Tensor, n
         out[f"{key}_se"] = (value * (1 - value) / max(1, n)) ** 0.5
         out[f"{key}_chance"] = chance
     return out
-
-
-@torch.no_grad()
-def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor,
-                       ks: Sequence[int] = (1,)) -> dict[str, float]:
-    """Top-k accuracy of nearest class prompt; class_emb (C, d), labels (N,) class indices."""
-    scores = image_emb @ class_emb.T
-    out = {}
-    for k in ks:
-        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-        out[f"acc@{k}"] = (top == labels[:, None]).any(1).float().mean().item()
-    return out

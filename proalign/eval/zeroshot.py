@@ -8,13 +8,24 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..data.classes import LabelledImages
-from .retrieval import zero_shot_accuracy
 from .templates import template_for
 
 log = logging.getLogger(__name__)
 
 # encode(names, class_index) -> normalised (C, d) class embeddings
 ClassEncoder = Callable[[list[str], torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor,
+                       ks: Sequence[int] = (1,)) -> dict[str, float]:
+    """Top-k accuracy of nearest class prompt; class_emb (C, d), labels (N,) class indices."""
+    scores = image_emb @ class_emb.T
+    out = {}
+    for k in ks:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        out[f"acc@{k}"] = (top == labels[:, None]).any(1).float().mean().item()
+    return out
 
 
 @torch.no_grad()

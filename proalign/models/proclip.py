@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ..config import RunConfig
 from .adapter import MLPAdapter
-from .checkpoint import save_tensors
+from ..storage import save_tensors
 from .embedder import TextEmbedder
 from .towers import context_length, count_truncated, create_clip, encode_clip_text
 

@@ -39,7 +39,7 @@ def create_clip(cfg: ClipConfig, image_size: int | None = None):
     except RuntimeError as err:
         raise RuntimeError(f"clip.pretrained: could not load {cfg.pretrained!r} for {cfg.model}: {err}") from err
     if cfg.checkpoint:
-        from .checkpoint import load_module_weights
+        from ..storage import load_module_weights
         load_module_weights(model, cfg.checkpoint, prefix="clip.")
     tokenizer = open_clip.get_tokenizer(cfg.model)
     return model, preprocess_train, preprocess_eval, tokenizer

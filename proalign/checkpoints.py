@@ -1,5 +1,7 @@
-"""Atomic safetensors checkpoints. Nothing here unpickles: tensors go to safetensors, the
-rest (step, scheduler, RNG of python/numpy, data position) to JSON."""
+"""Training checkpoints: `<run>/<stage>/checkpoints/step-XXXXXXX/`, written atomically.
+
+Nothing here unpickles: tensors go to safetensors, the rest (step, scheduler, RNG of
+python/numpy, data position) to JSON."""
 from __future__ import annotations
 
 import json
@@ -11,43 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .storage import atomic_write_text, save_tensors
 
 log = logging.getLogger(__name__)
 _FINISHED = re.compile(r"step-\d{7}")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # safetensors refuses shared storage: clone into contiguous, owned tensors.
-    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    save_file(owned, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-
-
-def load_module_weights(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True):
-    """Load `prefix`-ed entries of a proalign safetensors file into `module`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: proalign loads .safetensors only (no pickles)")
-    state = load_file(str(path))
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not picked:
-        raise KeyError(f"{path}: no tensors under prefix {prefix!r}")
-    missing, unexpected = module.load_state_dict(picked, strict=False)
-    if strict and (missing or unexpected):
-        raise KeyError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return module
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

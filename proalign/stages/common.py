@@ -1,0 +1,61 @@
+"""What the stage drivers share: the resumable image-text batches, run summaries, rank checks."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import DataConfig, RunConfig
+from ..data.shards import Batcher, ImageTextStream
+from ..models.towers import module_fingerprint
+
+
+class StreamBatches:
+    """Batches from the training shards' image-text stream, with a resumable position (the
+    samples this rank has consumed). Tasks that stream images mix this in."""
+
+    def _init_stream(self, data: DataConfig, preprocess, batch_size: int, seed: int):
+        self._stream = ImageTextStream(data.train_shards, preprocess, data.train_languages, seed=seed)
+        self._batch_size, self._workers = batch_size, data.num_workers
+        self._start_sample = 0
+        self._batcher: Optional[Batcher] = None
+
+    def _next_stream_batch(self) -> dict:
+        if self._batcher is None:
+            self._batcher = Batcher(self._stream, self._batch_size, self._workers, self._start_sample)
+        return self._batcher.next_batch()
+
+    def data_state(self) -> dict:
+        return {"samples_consumed": self._batcher.consumed if self._batcher else self._start_sample}
+
+    def load_data_state(self, state: dict) -> None:
+        self._start_sample = int(state.get("samples_consumed", 0))
+        self._batcher = None
+
+    def skip_counts(self) -> dict:
+        return dict(self._batcher.skips) if self._batcher else {}
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def append_summary(cfg: RunConfig, summary: dict) -> None:
+    """One JSON line per finished stage in `<output_dir>/summary.jsonl` (rank 0)."""
+    if not is_main():
+        return
+    path = Path(cfg.output_dir) / "summary.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"time": time.time(), **summary}, default=float) + "\n")
+
+
+def write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> None:
+    """Each rank records a hash of its trained weights: replicas must agree after data-parallel training."""
+    folder = Path(cfg.output_dir) / "replicas"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{task.name}-rank{rank}.txt").write_text(module_fingerprint(task) + "\n")

@@ -1,0 +1,163 @@
+"""CoOp head: learnable context vectors fed to the frozen LLM embedder through `inputs_embeds`,
+trained few-shot for zero-shot classification (CoOp's schedule). Writes `coop.safetensors`,
+coop_results.md and coop_accuracy.png (per language: hand-written prompt vs learned context)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import engine
+from ..config import CoopConfig, OptimConfig, RunConfig, TrainConfig
+from ..data.samplers import EpochSampler
+from ..engine import StageTask
+from ..models.proclip import ProCLIP
+from ..models.towers import module_fingerprint
+from .common import append_summary, is_main
+
+log = logging.getLogger(__name__)
+
+
+def coop_train_config(coop: CoopConfig, n_train: int) -> TrainConfig:
+    """CoOp's epoch-based schedule as engine steps: SGD, cosine, `warmup_epochs` of warm-up."""
+    per_epoch = max(1, -(-n_train // coop.batch_size))
+    return TrainConfig(steps=coop.epochs * per_epoch, batch_size=coop.batch_size, log_every=coop.log_every,
+                       checkpoint_every=per_epoch,
+                       optim=OptimConfig(optimizer="sgd", lr=coop.lr, momentum=coop.momentum,
+                                         weight_decay=coop.weight_decay,
+                                         warmup_steps=coop.warmup_epochs * per_epoch, schedule="cosine"))
+
+
+class CoopTask(StageTask):
+    """CoOp few-shot classification: cross-entropy of image features against the class prompts'
+    embeddings (learned context -> frozen embedder -> adapter). Only the context trains, plus the
+    adapter when `coop.train_adapter`."""
+
+    name = "coop"
+
+    def __init__(self, prompt: nn.Module, adapter: nn.Module, image_feats: torch.Tensor, labels: torch.Tensor,
+                 class_names: list[list[str]], logit_scale: float, coop: CoopConfig, seed: int):
+        super().__init__()
+        if len(image_feats) != len(labels) or len(labels) == 0:
+            raise ValueError(f"coop: need one label per image feature (got {len(image_feats)} and {len(labels)})")
+        if any(not names for names in class_names):
+            raise ValueError("coop: every class needs at least one name in coop.train_languages")
+        self.train_cfg = coop_train_config(coop, len(labels))
+        self.prompt = prompt
+        self.adapter = adapter.requires_grad_(coop.train_adapter)
+        self.register_buffer("image_feats", F.normalize(image_feats.float(), dim=-1), persistent=False)
+        self.register_buffer("labels", labels.long(), persistent=False)
+        self.class_names = class_names
+        self.logit_scale = float(logit_scale)
+        self.classes_per_step = coop.classes_per_step
+        self.seed = seed
+        self.sampler = EpochSampler(len(labels), self.train_cfg.batch_size, seed)
+
+    def next_batch(self) -> dict:
+        step = self.sampler.position
+        idx = self.sampler.next()
+        rng = torch.Generator().manual_seed(self.seed * 104729 + step)
+        n_classes = len(self.class_names)
+        classes = torch.unique(self.labels[idx])
+        wanted = self.classes_per_step or n_classes
+        if len(classes) < wanted:  # random negatives, drawn per step
+            others = torch.ones(n_classes, dtype=torch.bool)
+            others[classes] = False
+            pool = others.nonzero().squeeze(1)
+            extra = pool[torch.randperm(len(pool), generator=rng)[:wanted - len(classes)]]
+            classes = torch.cat([classes, extra])
+        names = [self.class_names[c][int(torch.randint(len(self.class_names[c]), (1,), generator=rng))]
+                 for c in classes.tolist()]
+        return {"index": idx, "classes": classes, "names": names}
+
+    def forward(self, batch: dict):
+        device = self.image_feats.device
+        classes = batch["classes"].to(device)
+        text = F.normalize(self.adapter(self.prompt(batch["names"], classes)), dim=-1)
+        idx = batch["index"].to(device)
+        logits = self.logit_scale * self.image_feats[idx] @ text.T
+        # target: where each image's class sits in this step's class list
+        lookup = torch.full((len(self.class_names),), -1, dtype=torch.long, device=device)
+        lookup[classes] = torch.arange(len(classes), device=device)
+        target = lookup[self.labels[idx]]
+        loss = F.cross_entropy(logits, target)
+        accuracy = (logits.argmax(1) == target).float().mean()
+        return loss, {"train_acc": accuracy.detach()}
+
+    def data_state(self) -> dict:
+        return {"position": self.sampler.position}
+
+    def load_data_state(self, state: dict) -> None:
+        self.sampler.position = int(state.get("position", 0))
+
+
+@torch.no_grad()
+def encode_images(model: ProCLIP, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    device = next(model.clip.parameters()).device
+    return torch.cat([model.encode_image(images[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
+    """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned."""
+    from ..data.classes import read_labelled
+    from ..eval.report import coop_report, coop_table
+    from ..eval.zeroshot import accuracy_handwritten_vs_learned
+    from ..models.prompt import PromptLearner
+    c = cfg.coop
+    engine.seed_everything(cfg.seed)
+    model = model or ProCLIP.from_config(cfg)
+    train_set = read_labelled(c.train_shards or cfg.data.train_shards, model.preprocess_eval, c.shots, cfg.seed)
+    eval_set = read_labelled(c.eval_shards or cfg.data.eval_shards, model.preprocess_eval,
+                             max_samples=cfg.data.max_eval_samples)
+    names = [[n for lang in c.train_languages for n in train_set.names[k].get(lang, [])]
+             for k in range(len(train_set.classes))]
+    usable = torch.tensor([bool(n) for n in names])
+    if not usable.any():
+        raise ValueError(f"coop.train_languages={c.train_languages}: no training class has a name in them")
+    if not usable.all():
+        log.warning("coop: %d of %d training classes have no name in %s and are left out",
+                    int((~usable).sum()), len(names), c.train_languages)
+    keep_rows = usable[train_set.labels]
+    train_feats = encode_images(model, train_set.images[keep_rows])
+    eval_feats = encode_images(model, eval_set.images)
+    print(f"coop: {len(train_set.classes)} classes, {int(keep_rows.sum())} training images "
+          f"(<= {c.shots} shots each); eval {len(eval_set.classes)} classes, {len(eval_set.labels)} images")
+
+    p = c.prompt
+    model.prompt = PromptLearner(model.embedder, p.n_ctx, p.position, p.class_specific, train_set.classes,
+                                 p.init_phrase)
+    class_index_of = None
+    if p.class_specific:
+        train_index = {cls: i for i, cls in enumerate(train_set.classes)}
+        missing = [cls for cls in eval_set.classes if cls not in train_index]
+        if missing:
+            raise ValueError(f"coop.prompt.class_specific: eval class {missing[0]!r} has no learned context "
+                             "(class-specific context only covers the training classes)")
+        lookup = torch.tensor([train_index[cls] for cls in eval_set.classes])
+        class_index_of = lambda index: lookup[index]  # noqa: E731
+    languages = c.eval_languages or None
+    embedder_sum = module_fingerprint(model.embedder)
+    logit_scale = model.clip.logit_scale.exp().item()
+    task = CoopTask(model.prompt, model.adapter, train_feats, train_set.labels[keep_rows], names, logit_scale,
+                    c, cfg.seed)
+    last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
+    model.eval()
+    after = accuracy_handwritten_vs_learned(eval_feats, eval_set, model, c.templates, languages,
+                                            class_index_of=class_index_of)
+    out = Path(cfg.output_dir)
+    if is_main():
+        model.save(out / "coop.safetensors", {"stage": "coop"})
+        coop_report(after, out / "coop_results.md", out / "coop_accuracy.png")
+    if module_fingerprint(model.embedder) != embedder_sum:
+        raise RuntimeError("coop: the frozen embedder's weights changed during training")
+    summary = {"stage": "coop", **last, "rows": after, "truncated_prompts": model.prompt.truncated_count,
+               "embedder_checksum": embedder_sum}
+    print(coop_table(after))
+    append_summary(cfg, summary)
+    return summary

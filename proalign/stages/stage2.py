@@ -1,0 +1,121 @@
+"""Stage 2 (align): the CLIP image tower and the adapter train with symmetric InfoNCE against the
+(frozen) LLM text tower, plus self-distillation toward an EMA copy of the image tower.
+Writes `stage2.safetensors`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import engine
+from ..config import DataConfig, RunConfig, Stage2Config
+from ..ema import EMATeacher
+from ..engine import StageTask
+from ..eval.evaluator import Evaluator, image_encoder, llm_text_tower, load_shard_set, mean_recalls
+from ..losses import Objective
+from ..models.logit_scale import LogitScale
+from ..models.proclip import ProCLIP
+from .cache import build_caches, cached_llm_features
+from .common import StreamBatches, append_summary, is_main, write_replica_checksum
+
+
+class Stage2Task(StreamBatches, StageTask):
+    """Image tower + adapter with symmetric InfoNCE and EMA self-distillation (`lambda_sd`), plus
+    any `extra_losses`. LLM features come from `text_features(caption_ids, texts)`."""
+
+    name = "stage2"
+
+    def __init__(self, model: ProCLIP, stage2: Stage2Config, data: DataConfig, seed: int,
+                 text_features: Callable[[list[str], list[str]], torch.Tensor]):
+        super().__init__()
+        self.train_cfg = stage2.train
+        self.visual = model.clip.visual
+        self.adapter = model.adapter
+        self.ema = EMATeacher(self.visual, stage2.ema_momentum)
+        self.logit_scale = LogitScale(stage2.init_logit_scale, stage2.max_logit_scale)
+        self.objective = Objective({"contrastive": 1.0, "self_distillation": stage2.lambda_sd, **stage2.extra_losses},
+                                   stage2.reduction, where="stage2.extra_losses")
+        self.text_features = text_features
+        self.evaluator: Optional[Callable[[], dict]] = None  # () -> held-out metrics, set by the driver
+        self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed)
+
+    def next_batch(self) -> dict:
+        batch = self._next_stream_batch()
+        batch["llm"] = self.text_features(batch["caption_id"], batch["text"])
+        return batch
+
+    def forward(self, batch: dict):
+        device = self.logit_scale.log_scale.device
+        images = batch["image"].to(device)
+        features = {"image": self.visual(images), "text": self.adapter(batch["llm"].to(device))}
+        features["logit_scale"] = scale = self.logit_scale()
+        if "ema_image" in self.objective.needs:  # no self-distillation: no teacher forward pass
+            with torch.no_grad(), torch.profiler.record_function("stage2/teacher_forward"):
+                features["ema_image"] = self.ema(images)
+        loss, logged = self.objective(features)
+        return loss, {**logged, "logit_scale": scale.detach()}
+
+    def after_step(self) -> None:
+        with torch.profiler.record_function("stage2/ema_update"):
+            self.ema.update(self.visual)
+        self.logit_scale.clamp_()
+
+    def export_logit_scale(self, clip: nn.Module) -> None:
+        self.logit_scale.export_to(clip)
+
+    def evaluate(self) -> dict:
+        return self.evaluator() if self.evaluator else {}
+
+
+def heldout_evaluation(cfg: RunConfig, model: ProCLIP) -> Callable[[], dict]:
+    """() -> mean held-out R@k over the training languages: eval images decoded once, eval
+    captions read from the embedding cache."""
+    languages = list(cfg.data.train_languages)
+    evaluator = Evaluator([load_shard_set("heldout", cfg.data.eval_shards, model.preprocess_eval, languages,
+                                          cfg.data.max_eval_samples)])
+    # the eval shards' caches hold at least the training languages (`cache_languages`)
+    cache = cached_llm_features(cfg, model, cfg.data.eval_shards, languages)
+    tower = llm_text_tower(model, "proclip", cache)
+
+    def run() -> dict:
+        model.eval()
+        rows = evaluator.evaluate(image_encoder(model), [tower])
+        model.train()
+        return mean_recalls(rows)
+    return run
+
+
+def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
+    """Build the LLM caches (rank 0), align, report held-out retrieval before/after, export."""
+    import torch.distributed as dist
+    rank, world = engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
+    torch.manual_seed(cfg.seed)
+    model = model or ProCLIP.from_config(cfg)
+    if rank == 0:  # one writer; the other ranks wait, then read
+        build_caches(cfg, model, teacher=False, progress=progress)
+    if world > 1:
+        dist.barrier()
+    heldout = heldout_evaluation(cfg, model) if cfg.data.eval_shards and rank == 0 else None
+    before = heldout() if heldout else {}
+    engine.seed_everything(cfg.seed)
+    train_text = cached_llm_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
+    task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, train_text)
+    task.evaluator = heldout
+    last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
+    task.export_logit_scale(model.clip)
+    write_replica_checksum(cfg, task, rank)
+    after = heldout() if heldout else {}
+    if is_main():
+        model.save(Path(cfg.output_dir) / "stage2.safetensors", {"stage": "stage2"})
+    summary = {"stage": "stage2", **last, **{f"before_{k}": v for k, v in before.items()},
+               **{f"after_{k}": v for k, v in after.items()}}
+    append_summary(cfg, summary)
+    if before:
+        print("stage2: held-out retrieval, before -> after")
+        for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+            cells = ", ".join(f"R@{k} {before[f'{direction}_R@{k}']:.3f} -> {after[f'{direction}_R@{k}']:.3f}"
+                              for k in (1, 5, 10))
+            print(f"  {label}: {cells}")
+    return summary

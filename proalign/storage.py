@@ -1,0 +1,44 @@
+"""Atomic file writes and proalign's safetensors model files. Nothing here unpickles."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # safetensors refuses shared storage: clone into contiguous, owned tensors.
+    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    save_file(owned, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_module_weights(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True):
+    """Load `prefix`-ed entries of a proalign safetensors file into `module`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: proalign loads .safetensors only (no pickles)")
+    state = load_file(str(path))
+    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        raise KeyError(f"{path}: no tensors under prefix {prefix!r}")
+    missing, unexpected = module.load_state_dict(picked, strict=False)
+    if strict and (missing or unexpected):
+        raise KeyError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return module
