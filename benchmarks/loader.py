@@ -13,7 +13,7 @@ def run(batch_size: int = 64, batches: int = 20, workers: int = 2) -> dict:
     import torch
     from proalign.data.shards import Batcher, ImageTextStream
     from proalign.models.proclip import ProCLIP
-    from proalign.tasks import Stage2Task
+    from proalign.stages.stage2 import Stage2Task
     cfg = demo_config("embedder.arch={hidden_size: 384}")
     model = ProCLIP.from_config(cfg, load_embedder=False)
     stream = ImageTextStream(cfg.data.train_shards, model.preprocess_train, ["en"], seed=0)
@@ -25,7 +25,7 @@ def run(batch_size: int = 64, batches: int = 20, workers: int = 2) -> dict:
     loader_rate = batches * batch_size / (time.perf_counter() - start)
     del batcher
 
-    task = Stage2Task(model, cfg)
+    task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, text_features=None)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5)
     batch = {"image": torch.randn(batch_size, 3, cfg.data.image_size, cfg.data.image_size),
              "llm": torch.randn(batch_size, model.adapter.in_dim)}

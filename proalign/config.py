@@ -159,15 +159,15 @@ class CoopConfig:
 
 @dataclass
 class EvalDatasetConfig:
-    """One evaluation set: webdataset `shards` (brace pattern) or a published format on disk."""
+    """One evaluation set in a registered format (proalign/data/readers.py `register_format`):
+    `shards` (webdataset brace pattern), xm3600, urban1k, sharegpt4v, docci, dci, jsonl.
+    `options` are the format's own (e.g. docci `split`, sharegpt4v `images`/`limit`)."""
     name: str
-    format: Literal["shards", "xm3600", "urban1k", "sharegpt4v", "docci", "dci", "jsonl"]
+    format: str
     path: str
-    images: Optional[str] = None       # sharegpt4v: image root (default: the json's folder)
-    split: str = "test"                # docci
-    limit: Optional[int] = 1000        # sharegpt4v: the first N records (ShareGPT4V-1k)
     languages: list = field(default_factory=list)  # empty: every language present
     max_samples: Optional[int] = None
+    options: Any = field(default_factory=dict)     # validated into the format's options dataclass
 
 
 @dataclass
@@ -208,6 +208,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if tp is Any:  # checked later by whoever owns the field (e.g. a format's options)
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:
@@ -326,6 +328,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     shard_lists = [("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards),
                    ("coop.train_shards", cfg.coop.train_shards), ("coop.eval_shards", cfg.coop.eval_shards)]
     for i, ds in enumerate(cfg.eval.datasets):
+        ds.options = _format_options(ds, f"eval.datasets[{i}]")
         if ds.format == "shards":
             shard_lists.append((f"eval.datasets[{i}].path", ds.path))
         else:
@@ -335,6 +338,17 @@ def _check_ranges(cfg: RunConfig) -> None:
             _check_shards(where, patterns)
     if cfg.deepspeed:
         _check_deepspeed_json(cfg.deepspeed)
+
+
+def _format_options(ds: EvalDatasetConfig, where: str):
+    from .data.readers import FORMATS
+    if ds.format not in FORMATS:
+        raise ConfigError(f"{where}.format: unknown dataset format {ds.format!r} (registered: {', '.join(sorted(FORMATS))})")
+    if dataclasses.is_dataclass(ds.options):
+        return ds.options
+    if not isinstance(ds.options, dict):
+        raise ConfigError(f"{where}.options: expected a mapping, got {ds.options!r}")
+    return _build(FORMATS[ds.format].options, ds.options, f"{where}.options")
 
 
 def _check_shards(where: str, patterns) -> None:

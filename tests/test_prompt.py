@@ -163,7 +163,7 @@ def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny
     from proalign.eval.zeroshot import zero_shot_accuracy
     from proalign.models.proclip import ProCLIP
     from proalign.models.towers import module_fingerprint
-    from proalign.tasks import CoopTask
+    from proalign.stages.coop import CoopTask
     names = ["apple", "river", "violin", "tiger", "castle", "umbrella", "piano", "desert", "lemon", "rocket"]
     tiny_cfg.coop.batch_size = 40
     model = ProCLIP.from_config(tiny_cfg)
@@ -172,10 +172,11 @@ def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny
     handwritten = model.encode_text([f"a photo of a {n}." for n in names]).detach()
     acc_hand = zero_shot_accuracy(test_x, handwritten, test_y)["acc@1"]
     model.prompt = PromptLearner(model.embedder, n_ctx=8, position="end")
-    task = CoopTask(model.prompt, model.adapter, train_x, train_y, [[n] for n in names], 20.0, tiny_cfg)
-    train_cfg = TrainConfig(steps=60, batch_size=40, log_every=20, checkpoint_every=60,
-                            optim=OptimConfig(optimizer="adamw", lr=0.05, warmup_steps=5))
-    engine.train(task, tiny_cfg, train_cfg, tiny_cfg.output_dir, progress=False)
+    task = CoopTask(model.prompt, model.adapter, train_x, train_y, [[n] for n in names], 20.0, tiny_cfg.coop,
+                    tiny_cfg.seed)
+    task.train_cfg = TrainConfig(steps=60, batch_size=40, log_every=20, checkpoint_every=60,
+                                 optim=OptimConfig(optimizer="adamw", lr=0.05, warmup_steps=5))
+    engine.train(task, tiny_cfg, tiny_cfg.output_dir, progress=False)
     learned = model.encode_text(names, prompt=True).detach()
     acc_learned = zero_shot_accuracy(test_x, learned, test_y)["acc@1"]
     assert acc_learned > acc_hand + 0.25, (acc_hand, acc_learned)
@@ -192,13 +193,13 @@ def test_coop_command_end_to_end(tiny_cfg):
     """`run_coop` on the embedded emoji shards: trains, reports per language, saves the context."""
     from pathlib import Path
     from safetensors.torch import load_file
-    from proalign import pipeline
+    from proalign.stages.coop import run_coop
     tiny_cfg.coop.epochs = 1
     tiny_cfg.coop.classes_per_step = 16
     tiny_cfg.coop.train_shards = ["data_shards/emoji-train-000.tar"]
     tiny_cfg.coop.eval_languages = ["en", "th", "am", "xx"]  # xx: no class has a name in it
     tiny_cfg.data.max_eval_samples = 30
-    summary = pipeline.run_coop(tiny_cfg, progress=False)
+    summary = run_coop(tiny_cfg, progress=False)
     out = Path(tiny_cfg.output_dir)
     assert [r["language"] for r in summary["rows"]] == ["en", "th", "am"]
     for row in summary["rows"]:

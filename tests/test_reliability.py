@@ -173,8 +173,9 @@ def test_nonfinite_losses_in_the_last_steps_fail_and_keep_the_last_good_checkpoi
     from proalign.engine import NonFiniteLossError, StageTask, train
     StageTask.register(_Diverging)
     task = _Diverging(bad_from=8)  # steps 9 and 10 are NaN: fewer than max_nonfinite_steps
+    task.train_cfg = _train_cfg(10, 5)
     with pytest.raises(NonFiniteLossError, match=r"last 2 step\(s\) gave non-finite losses.*step-0000005"):
-        train(task, RunConfig(device="cpu"), _train_cfg(10, 5), tmp_path, progress=False)
+        train(task, RunConfig(device="cpu"), tmp_path, progress=False)
     done = sorted(p.name for p in (tmp_path / "diverge" / "checkpoints").iterdir() if p.is_dir())
     assert done == ["step-0000005"]
 
@@ -184,8 +185,9 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     from proalign.engine import NonFiniteLossError, train
     task = _Diverging(bad_from=100)
     task.after_step = lambda: task.w.data.fill_(float("inf")) if task.step == 4 else None
+    task.train_cfg = _train_cfg(6, 2)
     with pytest.raises(NonFiniteLossError, match="non-finite weights"):
-        train(task, RunConfig(device="cpu"), _train_cfg(6, 2), tmp_path, progress=False)
+        train(task, RunConfig(device="cpu"), tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "diverge" / "checkpoints").iterdir() if p.is_dir()] == ["step-0000002"]
 
 

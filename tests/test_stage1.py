@@ -3,14 +3,15 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from proalign import pipeline
+from proalign.stages.cache import build_caches
+from proalign.stages.stage1 import run_stage1
 from proalign.data.cache import EmbeddingCache, StaleCacheError
 
 from conftest import run_cli
 
 
 def test_stage1_learns_and_reports(tiny_cfg, capsys):
-    summary = pipeline.run_stage1(tiny_cfg, progress=False)
+    summary = run_stage1(tiny_cfg, progress=False)
     assert summary["heldout_cosine_after"] > summary["heldout_cosine_before"] + 0.2
     rows = [json.loads(line) for line in open(f"{tiny_cfg.output_dir}/metrics.jsonl")]
     losses = [r["loss"] for r in rows if r["stage"] == "stage1"]
@@ -41,9 +42,9 @@ def test_cache_is_reused_and_stale_detected(tiny_cfg, tmp_path):
     import shutil
     from proalign.models.proclip import ProCLIP
     model = ProCLIP.from_config(tiny_cfg)
-    first = pipeline.build_caches(tiny_cfg, model, progress=False)
+    first = build_caches(tiny_cfg, model, progress=False)
     assert first["llm"]["shards_encoded"] == 2
-    again = pipeline.build_caches(tiny_cfg, model, progress=False)
+    again = build_caches(tiny_cfg, model, progress=False)
     assert again["llm"]["shards_reused"] == 2 and "shards_encoded" not in again["llm"]
     shard = tmp_path / "copy.tar"
     shutil.copy(tiny_cfg.data.train_shards[0], shard)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+import inspect
 from typing import Callable, Iterator, Optional, Sequence
 
-import torch
 from PIL import Image
 
 from ..errors import ProalignError
@@ -80,6 +80,49 @@ def _image(root: Path, name: str, where: str) -> Path:
     return path
 
 
+
+# --------------------------------------------------------------------------- the format registry
+# A format is one reader plus one options dataclass, registered here; `eval.datasets[i].options`
+# is validated against the dataclass (errors name the field). A reader returns Records
+# (images are decoded by `load_records`), or, with `decoded=True`, (images, keys, metas) itself.
+
+
+@dataclass
+class NoOptions:
+    """The format takes no options."""
+
+
+@dataclass
+class EvalFormat:
+    read: Callable
+    options: type
+    decoded: bool = False
+
+
+FORMATS: dict[str, EvalFormat] = {}
+
+
+def register_format(name: str, options: type = NoOptions, decoded: bool = False):
+    def add(reader):
+        if name in FORMATS:
+            raise ValueError(f"dataset format {name!r} is already registered")
+        FORMATS[name] = EvalFormat(reader, options, decoded)
+        return reader
+    return add
+
+
+@dataclass
+class ShareGPT4VOptions:
+    images: Optional[str] = None   # image root (default: the json's folder)
+    limit: Optional[int] = 1000    # the first N records (ShareGPT4V-1k); null: all
+
+
+@dataclass
+class DocciOptions:
+    split: str = "test"            # the `split` value of the records to read
+
+
+@register_format("xm3600")
 def read_xm3600(root: str | Path, languages: Optional[Sequence[str]] = None) -> list[Record]:
     root = Path(root)
     path = _need_file(root / "captions.jsonl", "XM3600 captions file")
@@ -99,6 +142,7 @@ def read_xm3600(root: str | Path, languages: Optional[Sequence[str]] = None) -> 
     return records
 
 
+@register_format("urban1k")
 def read_urban1k(root: str | Path) -> list[Record]:
     root = Path(root)
     caption_dir = _need_file(root / "caption", "Urban-1k caption folder")
@@ -114,6 +158,7 @@ def read_urban1k(root: str | Path) -> list[Record]:
     return records
 
 
+@register_format("sharegpt4v", ShareGPT4VOptions)
 def read_sharegpt4v(path: str | Path, images: Optional[str | Path] = None, limit: Optional[int] = 1000) -> list[Record]:
     path = _need_file(Path(path), "ShareGPT4V json")
     image_root = Path(images) if images else path.parent
@@ -137,6 +182,7 @@ def read_sharegpt4v(path: str | Path, images: Optional[str | Path] = None, limit
     return records
 
 
+@register_format("docci", DocciOptions)
 def read_docci(root: str | Path, split: str = "test") -> list[Record]:
     root = Path(root)
     path = _need_file(root / "docci_descriptions.jsonlines", "DOCCI descriptions file")
@@ -153,6 +199,7 @@ def read_docci(root: str | Path, split: str = "test") -> list[Record]:
     return records
 
 
+@register_format("dci")
 def read_dci(root: str | Path) -> list[Record]:
     root = Path(root)
     folder = _need_file(root / "annotations", "DCI annotations folder")
@@ -176,6 +223,7 @@ def read_dci(root: str | Path) -> list[Record]:
     return records
 
 
+@register_format("jsonl")
 def read_jsonl(path: str | Path) -> list[Record]:
     path = _need_file(Path(path), "jsonl dataset")
     records = []
@@ -192,22 +240,39 @@ def read_jsonl(path: str | Path) -> list[Record]:
     return records
 
 
-READERS: dict[str, Callable[..., list[Record]]] = {
-    "xm3600": read_xm3600, "urban1k": read_urban1k, "sharegpt4v": read_sharegpt4v,
-    "docci": read_docci, "dci": read_dci, "jsonl": read_jsonl,
-}
+@register_format("shards", decoded=True)
+def read_shards(path, preprocess: Callable, max_samples: Optional[int] = None, skips: Optional[Counter] = None):
+    """webdataset shards (a brace pattern, glob or list): decoded by the shard reader."""
+    from .shards import expand_shards, load_image_text
+    return load_image_text(expand_shards(path), preprocess, max_samples=max_samples, skips=skips)
 
 
-def read_dataset(fmt: str, path: str | Path, **options) -> list[Record]:
-    if fmt not in READERS:
-        raise ValueError(f"unknown dataset format {fmt!r} (known: {', '.join(sorted(READERS))})")
-    return READERS[fmt](path, **options)
+def read_dataset(fmt: str, path: str | Path, languages: Optional[Sequence[str]] = None, **options) -> list[Record]:
+    """The records of a registered (record-based) format; `options` are its dataclass's fields."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+    entry = FORMATS[fmt]
+    kwargs = dict(vars(entry.options(**options)))
+    if "languages" in inspect.signature(entry.read).parameters:
+        kwargs["languages"] = languages
+    return entry.read(path, **kwargs)
+
+
+def load_dataset(fmt: str, path, preprocess: Callable, options=None, languages: Optional[Sequence[str]] = None,
+                 max_samples: Optional[int] = None, skips: Optional[Counter] = None):
+    """(images tensor, keys, {key: meta}) of any registered format."""
+    entry = FORMATS[fmt]
+    if entry.decoded:
+        return entry.read(path, preprocess, max_samples=max_samples, skips=skips)
+    records = read_dataset(fmt, path, languages, **(vars(options) if options is not None else {}))
+    return load_records(records, preprocess, max_samples, skips)
 
 
 def load_records(records: Sequence[Record], preprocess: Callable, max_samples: Optional[int] = None,
                  skips: Optional[Counter] = None):
     """(images tensor, keys, {key: {"captions": ...}}) like `shards.load_image_text`; unreadable
     images are skipped, counted and logged with their path."""
+    import torch
     skips = skips if skips is not None else Counter()
     images, keys, metas = [], [], {}
     for record in records[:max_samples] if max_samples else records:

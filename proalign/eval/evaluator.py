@@ -94,7 +94,7 @@ class Evaluator:
     def evaluate(self, encode_image: Callable[[torch.Tensor], torch.Tensor], towers: Sequence[TextTower],
                  names: Optional[Sequence[str]] = None) -> list[dict]:
         rows = []
-        for name in names or list(self.sets):
+        for name in list(self.sets) if names is None else names:
             s = self.sets[name]
             rows += evaluate_set(encode_image, towers, s)
         return rows

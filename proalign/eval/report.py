@@ -1,6 +1,7 @@
 """results.md tables and per-language bar plots."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,3 +101,60 @@ def coop_report(rows: Sequence[dict], table_path: str | Path, plot_path: str | P
                  for r in rows for key in r if key.startswith("acc ")]
     plot_languages(long_rows, plot_path, "acc", "CoOp: zero-shot accuracy, hand-written vs learned context")
     return text
+
+
+# --------------------------------------------------------------------------- the retrieval report
+RECALL_COLUMNS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]
+DETAIL_COLUMNS = ["model", "language", "images", "captions", "truncated", *RECALL_COLUMNS, "chance t2i R@1"]
+
+
+def recall_cells(row: dict) -> dict:
+    """The row with each recall written as `value ± s.e.`, plus its t2i R@1 chance level."""
+    cells = {**row, **{c: with_se(row[c], row.get(f"{c}_se")) for c in RECALL_COLUMNS if c in row}}
+    if "t2i_R@1_chance" in row:
+        cells["chance t2i R@1"] = f"{row['t2i_R@1_chance']:.4f}"
+    return cells
+
+
+def truncation_rows(rows: Sequence[dict]) -> list[dict]:
+    """Per dataset and text tower: captions seen and captions cut at the tower's length limit."""
+    totals: dict[tuple, dict] = {}
+    for r in rows:
+        if "truncated" in r:
+            entry = totals.setdefault((r["dataset"], r["model"]), {"dataset": r["dataset"], "model": r["model"],
+                                                                   "captions": 0, "truncated": 0})
+            entry["captions"] += r["captions"]
+            entry["truncated"] += r["truncated"]
+    return list(totals.values())
+
+
+def write_rows(rows: Sequence[dict], path: Path) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def retrieval_sections(rows: Sequence[dict], out: Path, summary=None, summary_columns: Sequence[str] = ()) -> list[str]:
+    """results.md sections for evaluator rows: per dataset, (for several languages) an optional
+    `summary(rows)` table, R@1 per language both ways with a plot, then every row with ± s.e.;
+    last, the captions each text tower cut."""
+    parts: list[str] = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        parts += [f"## {dataset}: {max(r['images'] for r in subset)} images", ""]
+        if len({r["language"] for r in subset}) > 1:
+            if summary is not None:
+                parts += [markdown_table(summary(subset), summary_columns), ""]
+            plot = out / f"{dataset}_t2i_r1.png"
+            plot_languages(subset, plot, "t2i_R@1", f"{dataset}: text→image R@1 per language")
+            parts += ["Text→image R@1:", "", language_table(subset, "t2i_R@1"), "",
+                      "Image→text R@1:", "", language_table(subset, "i2t_R@1"), "", f"![{dataset}]({plot.name})", "",
+                      "Per language: R@1/5/10 both ways, images and captions in that language, and captions "
+                      "cut at the text tower's length limit:", ""]
+        parts += [markdown_table([recall_cells(r) for r in subset], DETAIL_COLUMNS), ""]
+    cut = truncation_rows(rows)
+    if cut:
+        parts += ["## Truncated captions", "", "Captions longer than the text tower's limit (CLIP: its context "
+                  "length; LLM embedder: `embedder.max_length`; CoOp: that minus the context) are cut:", "",
+                  markdown_table(cut, ["dataset", "model", "captions", "truncated"]), ""]
+    return parts
