@@ -42,7 +42,8 @@ class EmbedderConfig:
     arch: Optional[dict] = None
     # None: the model's own (a sentence-transformers Pooling module), else mean. Set, it must
     # agree with a sentence-transformers model's pooling.
-    pooling: Optional[Literal["mean", "cls", "last"]] = None
+    # A registered pooler (proalign/models/pooling.py): mean, cls, last.
+    pooling: Optional[str] = None
     query_prefix: str = ""
     passage_prefix: str = ""
     # Captions are encoded with this role's prefix.
@@ -311,6 +312,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     for lang, template in cfg.coop.templates.items():
         need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
              "must be a string with exactly one {} for the class name")
+    if cfg.embedder.pooling is not None:
+        from .models.pooling import POOLERS
+        need(cfg.embedder.pooling in POOLERS, "embedder.pooling",
+             f"unknown pooler {cfg.embedder.pooling!r} (registered: {', '.join(sorted(POOLERS))})")
     if cfg.embedder.source == "random":
         need(cfg.embedder.arch is not None, "embedder.arch", "is required when embedder.source is 'random'")
         need(bool(cfg.embedder.tokenizer), "embedder.tokenizer", "is required when embedder.source is 'random'")

@@ -3,7 +3,8 @@ import torch
 
 from proalign.config import EmbedderConfig
 from proalign.models.adapter import MLPAdapter
-from proalign.models.embedder import TextEmbedder, pool_hidden
+from proalign.models.embedder import TextEmbedder
+from proalign.models.pooling import pool_hidden
 
 
 def test_adapter_shapes_and_structure():

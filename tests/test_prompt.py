@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proalign.models.embedder import TextEmbedder, pool_hidden
+from proalign.models.embedder import TextEmbedder
+from proalign.models.pooling import pool_hidden
 from proalign.models.prompt import PromptLearner
 
 TEXTS = ["cat", "grinning face with big eyes", "a red heart"]

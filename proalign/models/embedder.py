@@ -15,24 +15,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, EmbedderConfig
+from .pooling import pool_hidden
 
 log = logging.getLogger(__name__)
-
-
-def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool token states (B, T, D) using the attention mask (B, T); padding may be on either side."""
-    mask = mask.to(hidden.dtype)
-    if mode == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    real = mask > 0
-    if mode == "cls":  # first real token
-        index = torch.where(real, positions, mask.shape[1]).min(1).values
-    elif mode == "last":  # last real token
-        index = torch.where(real, positions, -1).max(1).values
-    else:
-        raise ValueError(f"unknown pooling mode {mode!r} (mean|cls|last)")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
 def _resolve_package_dir(name: str) -> str:
