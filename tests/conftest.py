@@ -9,13 +9,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """The tiny config's embedding caches (LLM + CLIP teacher, English), built once per session.
+    Tests and the CLI runs they start read it; a test that edits or times a cache uses its own."""
+    import torch
+    from proalign.config import load_config
+    from proalign.models.proclip import ProCLIP
+    from proalign.stages.cache import build_caches
+    os.chdir(ROOT)
+    root = tmp_path_factory.mktemp("shared")
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={root / 'run'}",
+                                                           f"data.cache_dir={root / 'cache'}"])
+    torch.manual_seed(cfg.seed)  # the stage drivers build their models after the same seeding
+    build_caches(cfg, ProCLIP.from_config(cfg), progress=False)
+    return root / "cache"
+
+
 @pytest.fixture
-def tiny_cfg(tmp_path):
-    """The committed tiny-cpu config, writing into a temp dir, shards resolved from the repo."""
+def tiny_cfg(tmp_path, shared_cache):
+    """The committed tiny-cpu config, writing into a temp dir, shards resolved from the repo,
+    reading the session's shared embedding cache."""
     from proalign.config import load_config
     os.chdir(ROOT)
     return load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'run'}",
-                                                            f"data.cache_dir={tmp_path / 'cache'}"])
+                                                            f"data.cache_dir={shared_cache}"])
 
 
 def run_cli(args, env=None, timeout=600):

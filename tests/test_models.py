@@ -7,12 +7,30 @@ from proalign.models.embedder import TextEmbedder
 from proalign.models.pooling import pool_hidden
 
 
-def test_adapter_shapes_and_structure():
-    adapter = MLPAdapter(32, 16, num_blocks=4, expansion=2)
-    assert len(adapter.blocks) == 4
-    assert adapter.blocks[0].ffn[0].out_features == 64
-    assert adapter(torch.randn(5, 32)).shape == (5, 16)
-    assert MLPAdapter(32, 16, num_blocks=0)(torch.randn(2, 32)).shape == (2, 16)
+def test_adapter_matches_its_formula_in_float64():
+    """M(x) = W_o LN_o(B_k(...B_1(x))) + b_o, B(x) = x + W_2 GELU(W_1 LN(x) + b_1) + b_2 (DESIGN.md)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    adapter = MLPAdapter(32, 16, num_blocks=2, expansion=3).double()
+    for param in adapter.parameters():  # non-trivial norms too
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(5, 32, dtype=torch.float64)
+
+    def layer_norm(v, norm):
+        mu, var = v.mean(-1, keepdim=True), v.var(-1, unbiased=False, keepdim=True)
+        return (v - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+    h = x
+    for block in adapter.blocks:
+        first, last = block.ffn[0], block.ffn[3]
+        inner = layer_norm(h, block.norm) @ first.weight.T + first.bias
+        h = h + F.gelu(inner) @ last.weight.T + last.bias
+    expected = layer_norm(h, adapter.out_norm) @ adapter.proj.weight.T + adapter.proj.bias
+    assert torch.allclose(adapter(x), expected, atol=1e-12)
+    assert adapter.blocks[0].ffn[0].out_features == 96
+    # no blocks: a normalised linear projection
+    bare = MLPAdapter(32, 16, num_blocks=0).double()
+    assert torch.allclose(bare(x), layer_norm(x, bare.out_norm) @ bare.proj.weight.T + bare.proj.bias, atol=1e-12)
 
 
 def test_pooling_respects_mask_on_both_sides():

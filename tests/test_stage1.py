@@ -22,8 +22,8 @@ def test_stage1_learns_and_reports(tiny_cfg, capsys):
     assert any(k.startswith("adapter.") for k in weights) and any(k.startswith("clip.") for k in weights)
 
 
-def test_stage1_resume_after_kill_gives_same_adapter(tiny_cfg, tmp_path):
-    common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={tmp_path / 'cache'}"]
+def test_stage1_resume_after_kill_gives_same_adapter(tmp_path, shared_cache):
+    common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={shared_cache}"]
     full = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-2000:]
     killed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}"],
@@ -41,6 +41,7 @@ def test_stage1_resume_after_kill_gives_same_adapter(tiny_cfg, tmp_path):
 def test_cache_is_reused_and_stale_detected(tiny_cfg, tmp_path):
     import shutil
     from proalign.models.proclip import ProCLIP
+    tiny_cfg.data.cache_dir = str(tmp_path / "own")  # counts encodings: not the shared cache
     model = ProCLIP.from_config(tiny_cfg)
     first = build_caches(tiny_cfg, model, progress=False)
     assert first["llm"]["shards_encoded"] == 2

@@ -96,12 +96,12 @@ def _launch_env(tmp_path):
     return env
 
 
-def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path):
+def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path, shared_cache):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = tmp_path / "ds"
     cmd = [launcher, "--num_gpus", "2", "--master_port", "29617", "stages/stage2_align.py",
            "--config", "configs/tiny-cpu.yaml", "--no-progress",
-           "--set", f"output_dir={out}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+           "--set", f"output_dir={out}", "--set", f"data.cache_dir={shared_cache}",
            "--set", "deepspeed=configs/deepspeed/zero1.json", "--set", "stage2.train.steps=4",
            "--set", "stage2.train.checkpoint_every=2", "--set", "stage2.train.batch_size=8",
            "--set", "data.eval_shards=[]"]
@@ -116,23 +116,23 @@ def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path):
     assert all((out / "stage2" / "checkpoints" / k / "deepspeed").is_dir() for k in kept)
 
 
-def _stage2_args(tmp_path, out, *extra):
+def _stage2_args(cache, out, *extra):
     return ["stage2", "--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=output_dir={out}",
-            f"--set=data.cache_dir={tmp_path / 'cache'}", "--set=stage2.train.steps=12",
+            f"--set=data.cache_dir={cache}", "--set=stage2.train.steps=12",
             "--set=stage2.train.checkpoint_every=4", "--set=stage2.train.log_every=4",
             "--set=stage2.train.batch_size=16", "--set=stage2.train.eval_every=0",
             "--set=data.max_eval_samples=30", *extra]
 
 
-def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path):
+def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, shared_cache):
     import json
     from safetensors.torch import load_file
     from conftest import run_cli
-    full = run_cli(_stage2_args(tmp_path, tmp_path / "full"))
+    full = run_cli(_stage2_args(shared_cache, tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run_cli(_stage2_args(tmp_path, tmp_path / "crash"), env={"PROALIGN_KILL_AT_STEP": "6"})
+    killed = run_cli(_stage2_args(shared_cache, tmp_path / "crash"), env={"PROALIGN_KILL_AT_STEP": "6"})
     assert killed.returncode == -9
-    resumed = run_cli(_stage2_args(tmp_path, tmp_path / "crash", "--resume"))
+    resumed = run_cli(_stage2_args(shared_cache, tmp_path / "crash", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     def final(run):
@@ -145,12 +145,12 @@ def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path):
         assert torch.equal(wa[key], wb[key]), key
 
 
-def test_torchrun_two_ranks_plain_torch(tmp_path):
+def test_torchrun_two_ranks_plain_torch(tmp_path, shared_cache):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "ddp"
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29631", "stages/stage2_align.py",
            "--config", "configs/tiny-cpu.yaml", "--no-progress", "--set", f"output_dir={out}",
-           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "stage2.train.steps=4",
+           "--set", f"data.cache_dir={shared_cache}", "--set", "stage2.train.steps=4",
            "--set", "stage2.train.batch_size=8", "--set", "data.eval_shards=[]"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
