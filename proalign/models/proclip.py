@@ -50,7 +50,8 @@ class ProCLIP(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig, embedder: Optional[TextEmbedder] = None,
                     load_embedder: bool = True) -> "ProCLIP":
-        clip, pre_train, pre_eval, tokenizer = create_clip(cfg.clip, cfg.data.image_size)
+        clip, pre_train, pre_eval, tokenizer = create_clip(cfg.clip, cfg.data.image_size,
+                                                           weights_follow=bool(cfg.init_from))
         if embedder is None and load_embedder:
             embedder = TextEmbedder.from_config(cfg.embedder)
         llm_dim = embedder.dim if embedder is not None else int(cfg.embedder.arch.get("hidden_size", 0)) if cfg.embedder.arch else 0

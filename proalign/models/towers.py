@@ -25,19 +25,35 @@ def _register_arch(name: str, arch: dict) -> None:
     open_clip.add_model_config(folder / f"{name}.json")
 
 
-def create_clip(cfg: ClipConfig, image_size: int | None = None):
-    """Return (model, preprocess_train, preprocess_eval, tokenizer) for the configured CLIP."""
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever `pretrained`
+    is unset, also when proalign loads the weights right after: that notice is wrong then."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: bool = False):
+    """Return (model, preprocess_train, preprocess_eval, tokenizer) for the configured CLIP.
+    `weights_follow`: the caller loads trained weights next (open_clip's random-init notice is dropped)."""
     import open_clip
     if cfg.arch is not None:
         _register_arch(cfg.model, cfg.arch)
     elif cfg.model not in open_clip.list_models() and not cfg.model.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(f"clip.model: unknown open_clip model {cfg.model!r}; give clip.arch for a custom one")
     kwargs = {"force_image_size": image_size} if image_size else {}
+    quiet = _DropRandomInitNotice() if (weights_follow or cfg.checkpoint) else None
+    root = logging.getLogger()
+    if quiet:
+        root.addFilter(quiet)
     try:
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             cfg.model, pretrained=cfg.pretrained, **kwargs)
     except RuntimeError as err:
         raise RuntimeError(f"clip.pretrained: could not load {cfg.pretrained!r} for {cfg.model}: {err}") from err
+    finally:
+        if quiet:
+            root.removeFilter(quiet)
     if cfg.checkpoint:
         from ..storage import load_module_weights
         load_module_weights(model, cfg.checkpoint, prefix="clip.")
