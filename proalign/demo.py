@@ -14,6 +14,7 @@ Re-running reuses the teacher, the embedding caches and the stage model files (d
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import resource
 import time
@@ -264,7 +265,6 @@ SUMMARY_COLUMNS = ["model", "en t2i R@1", "non-en t2i R@1", "non-en t2i R@5", "n
 
 
 def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: dict, peak_gb: float) -> None:
-    import json
     write_rows(rows + text_rows, out / "demo_rows.jsonl")
     parts = ["# proalign demo results", "",
              f"Every number is ± 1 standard error; a claim holds when its gap exceeds {SIGMAS:.0f} standard errors "

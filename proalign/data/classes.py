@@ -10,7 +10,7 @@ import logging
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 

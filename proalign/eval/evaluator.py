@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..data.cache import CachedTextFeatures
-from ..data.shards import caption_items, expand_shards, load_image_text
+from ..data.shards import caption_items
 from .retrieval import recall_uncertainty, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,22 @@ class TextTower:
     count_truncated: Optional[Callable[[list[str]], int]] = None
 
 
-def load_shard_set(name: str, shards, preprocess, languages: Optional[Sequence[str]] = None,
-                   max_samples: Optional[int] = None) -> EvalSet:
-    """An eval set from webdataset shards; unreadable samples are skipped, counted and logged."""
+def load_eval_set(name: str, fmt: str, path, preprocess, options=None, languages: Optional[Sequence[str]] = None,
+                  max_samples: Optional[int] = None) -> EvalSet:
+    """An eval set in any registered format, decoded; unreadable samples are skipped, counted and logged."""
+    from ..data.readers import load_dataset
     skips: Counter = Counter()
-    images, keys, metas = load_image_text(expand_shards(shards), preprocess, max_samples=max_samples, skips=skips)
+    images, keys, metas = load_dataset(fmt, path, preprocess, options, languages or None, max_samples, skips)
     if skips:
         log.warning("eval %s: skipped %s", name, dict(skips))
     if not keys:
-        raise ValueError(f"eval {name}: no readable samples in {shards}")
+        raise ValueError(f"eval dataset {name!r}: no readable images in {path}")
     return EvalSet(name, images, keys, metas, list(languages) if languages else None)
+
+
+def load_shard_set(name: str, shards, preprocess, languages: Optional[Sequence[str]] = None,
+                   max_samples: Optional[int] = None) -> EvalSet:
+    return load_eval_set(name, "shards", shards, preprocess, None, languages, max_samples)
 
 
 def clip_text_tower(model, name: str = CLIP_TOWER) -> TextTower:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 from ..config import EvalDatasetConfig, RunConfig
-from .evaluator import EvalSet, Evaluator, clip_text_tower, image_encoder, llm_text_tower, prompt_text_tower
+from .evaluator import (EvalSet, Evaluator, clip_text_tower, image_encoder, llm_text_tower, load_eval_set,
+                        prompt_text_tower)
 from .report import (image_weighted_mean, image_weighted_se, markdown_table, plot_languages, retrieval_sections,
                      with_se, write_rows)
 
@@ -15,15 +15,7 @@ log = logging.getLogger(__name__)
 
 def load_eval_dataset(ds: EvalDatasetConfig, preprocess) -> EvalSet:
     """One configured dataset, in its registered format, decoded."""
-    from ..data.readers import load_dataset
-    skips: Counter = Counter()
-    images, keys, metas = load_dataset(ds.format, ds.path, preprocess, ds.options, ds.languages or None,
-                                       ds.max_samples, skips)
-    if skips:
-        log.warning("eval %s: skipped %s", ds.name, dict(skips))
-    if not keys:
-        raise ValueError(f"eval dataset {ds.name!r}: no readable images in {ds.path}")
-    return EvalSet(ds.name, images, keys, metas, list(ds.languages) or None)
+    return load_eval_set(ds.name, ds.format, ds.path, preprocess, ds.options, ds.languages, ds.max_samples)
 
 
 def run_eval(cfg: RunConfig, progress: bool = True) -> Path:

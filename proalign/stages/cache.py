@@ -1,5 +1,5 @@
 """`proalign cache`: encode every caption once with the frozen LLM embedder and the CLIP text
-teacher, into sidecar files next to nothing else (`data.cache_dir`, default `<output_dir>/cache`)."""
+teacher, into one sidecar file per shard under `data.cache_dir` (default `<output_dir>/cache`)."""
 from __future__ import annotations
 
 from collections import Counter
