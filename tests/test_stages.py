@@ -10,7 +10,8 @@ from test_losses import ref_infonce, ref_instance, ref_structure
 
 def _batch(model, n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(n, 3, 32, 32, generator=g), "llm": torch.randn(n, model.adapter.in_dim, generator=g),
+    llm_dim = model.adapter.in_dim if model.adapter is not None else 64  # the teacher has no adapter
+    return {"image": torch.rand(n, 3, 32, 32, generator=g), "llm": torch.randn(n, llm_dim, generator=g),
             "text": [f"caption {i}" for i in range(n)]}
 
 

@@ -20,19 +20,38 @@ from .pooling import pool_hidden
 log = logging.getLogger(__name__)
 
 
-def _resolve_package_dir(name: str) -> str:
+def _extra_providing(module: str) -> str | None:
+    """The proalign extra whose requirements include the distribution of `module`, if any."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+    try:
+        reqs = requires("proalign") or []
+    except PackageNotFoundError:
+        return None
+    norm = lambda name: re.sub(r"[-_.]+", "_", name).lower()  # noqa: E731
+    for req in reqs:
+        dist = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if extra and norm(dist) == norm(module):
+            return extra.group(1)
+    return None
+
+
+def _resolve_package_dir(name: str, field: str = "embedder.name") -> str:
     """`pkg:<module>` names a model directory shipped inside an installed Python package."""
     import importlib.util
     module = name[len("pkg:"):]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"embedder.name: package {module!r} is not installed")
+        extra = _extra_providing(module)
+        hint = f"; install it with pip install -e '.[{extra}]'" if extra else ""
+        raise ConfigError(f"{field}: {name!r} names package {module!r}, which is not installed{hint}")
     root = Path(list(spec.submodule_search_locations)[0])
-    for marker in ("modules.json", "config.json"):
+    for marker in ("modules.json", "config.json", "tokenizer.json", "tokenizer_config.json"):
         hits = sorted(root.rglob(marker), key=lambda p: len(p.parts))
         if hits:
             return str(hits[0].parent)
-    raise FileNotFoundError(f"embedder.name: no model directory found inside package {module!r} ({root})")
+    raise ConfigError(f"{field}: no model or tokenizer directory found inside package {module!r} ({root})")
 
 
 class TextEmbedder(nn.Module):
@@ -71,7 +90,7 @@ class TextEmbedder(nn.Module):
             from transformers import AutoConfig
             arch = dict(cfg.arch or {})
             model_type = arch.pop("model_type", "bert")
-            tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer))
+            tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer, "embedder.tokenizer"))
             arch.setdefault("vocab_size", len(tokenizer))
             torch.manual_seed(arch.pop("seed", 0))
             model = AutoModel.from_config(AutoConfig.for_model(model_type, **arch))
@@ -94,7 +113,8 @@ class TextEmbedder(nn.Module):
                                       f"the model, or set it to {pooling!r}")
             else:
                 try:
-                    tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer) if cfg.tokenizer else name)
+                    tokenizer = AutoTokenizer.from_pretrained(
+                        _maybe_pkg(cfg.tokenizer, "embedder.tokenizer") if cfg.tokenizer else name)
                     model = AutoModel.from_pretrained(name)
                 except OSError as err:
                     raise OSError(f"embedder.name: cannot load {name!r} as a transformers model: {err}") from err
@@ -183,9 +203,9 @@ class TextEmbedder(nn.Module):
         return result
 
 
-def _maybe_pkg(name: Optional[str]) -> Optional[str]:
+def _maybe_pkg(name: Optional[str], field: str = "embedder.name") -> Optional[str]:
     if name and name.startswith("pkg:"):
-        return _resolve_package_dir(name)
+        return _resolve_package_dir(name, field)
     return name
 
 

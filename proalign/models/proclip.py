@@ -1,14 +1,19 @@
 """The composed model: CLIP image tower (+ its text tower as teacher/baseline), the frozen
 LLM embedder, the MLP adapter and an optional learned prompt context.
 
-Model files are safetensors with `clip.`, `adapter.` and `prompt.` entries; the embedder is
-not stored (it is frozen and named by the config).
+Model files are safetensors with `clip.`, `adapter.` and `prompt.` entries. The embedder's weights
+are not stored (it is frozen); the file's metadata carries the model's own config (CLIP
+architecture, embedder source and name, adapter shape, image size), with local paths relative to
+the file, so `ProCLIP.from_file` rebuilds the model from the file alone, from any directory.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -16,13 +21,21 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..config import RunConfig
-from .adapter import MLPAdapter
+from ..config import RunConfig, config_from_dict
+from ..errors import ProalignError
 from ..storage import save_tensors
+from .adapter import MLPAdapter
 from .embedder import TextEmbedder
 from .towers import context_length, count_truncated, create_clip, encode_clip_text
 
 log = logging.getLogger(__name__)
+
+
+# safetensors metadata keys of a model file
+CONFIG_KEY = "proalign_config"            # JSON: the config sections that define the model
+LOCAL_PATHS_KEY = "proalign_local_paths"  # JSON: dotted fields stored relative to the file
+# Config fields that may name a local file or directory (hub names and `pkg:` names stay as they are).
+_PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
 
 
 def clip_embed_dim(clip: nn.Module) -> int:
@@ -34,10 +47,55 @@ def clip_embed_dim(clip: nn.Module) -> int:
     return clip.visual.output_dim
 
 
+def model_config_sections(cfg: RunConfig, file_dir: Path) -> tuple[dict, list[str]]:
+    """The config sections that define a model, ready to store in its file: CLIP weights travel
+    in the file (so no `pretrained`/`checkpoint`), local paths become relative to `file_dir`."""
+    import dataclasses
+    embedder = dataclasses.asdict(cfg.embedder)
+    sections = {"clip": {"model": cfg.clip.model, "arch": cfg.clip.arch}, "embedder": embedder,
+                "adapter": dataclasses.asdict(cfg.adapter), "data": {"image_size": cfg.data.image_size}}
+    local = []
+    for dotted in _PATH_FIELDS:
+        section, field = dotted.split(".")
+        value = sections[section].get(field)
+        if value and not value.startswith("pkg:") and Path(value).exists():
+            sections[section][field] = os.path.relpath(Path(value).resolve(), file_dir.resolve())
+            local.append(dotted)
+    return sections, local
+
+
+def read_model_config(path: Path) -> RunConfig:
+    """The config stored in a proalign model file, local paths resolved against the file's folder."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    if CONFIG_KEY not in metadata:
+        raise ProalignError(f"{path}: no '{CONFIG_KEY}' metadata (a file from an older proalign, or not a "
+                            "proalign model file); load it with ProCLIP.from_config(load_config(<run>/config.yaml))"
+                            ".load(path), or re-export it by re-running its stage")
+    try:
+        sections = json.loads(metadata[CONFIG_KEY])
+        local = json.loads(metadata.get(LOCAL_PATHS_KEY, "[]"))
+    except json.JSONDecodeError as err:
+        raise ProalignError(f"{path}: metadata '{CONFIG_KEY}' is not valid JSON ({err})") from None
+    for dotted in local:
+        section, field = dotted.split(".")
+        sections[section][field] = str((path.parent / sections[section][field]).resolve())
+    from ..config import ConfigError
+    try:
+        return config_from_dict(sections)
+    except ConfigError as err:
+        raise ConfigError(f"{path} (stored config): {err}") from None
+
+
+def _tqdm(iterable, desc: str, enabled: bool, unit: str):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, disable=not enabled, unit=unit)
+
+
 class ProCLIP(nn.Module):
     def __init__(self, clip: nn.Module, clip_tokenizer, embedder: Optional[TextEmbedder],
-                 adapter: nn.Module, prompt: Optional[nn.Module] = None, preprocess_train=None,
-                 preprocess_eval=None):
+                 adapter: Optional[nn.Module], prompt: Optional[nn.Module] = None, preprocess_train=None,
+                 preprocess_eval=None, config: Optional[RunConfig] = None):
         super().__init__()
         self.clip = clip
         self.clip_tokenizer = clip_tokenizer
@@ -46,50 +104,126 @@ class ProCLIP(nn.Module):
         self.prompt = prompt
         self.preprocess_train = preprocess_train
         self.preprocess_eval = preprocess_eval
+        self.config = config  # what `save` writes into the model file
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, embedder: Optional[TextEmbedder] = None,
-                    load_embedder: bool = True) -> "ProCLIP":
+    def from_config(cls, cfg: RunConfig, embedder: Optional[TextEmbedder] = None, load_embedder: bool = True,
+                    weights_follow: bool = False) -> "ProCLIP":
+        """Build the configured model; `load_embedder=False` builds the CLIP alone (no embedder, no
+        adapter: the teacher). `weights_follow`: the caller loads trained weights right after."""
         clip, pre_train, pre_eval, tokenizer = create_clip(cfg.clip, cfg.data.image_size,
-                                                           weights_follow=bool(cfg.init_from))
+                                                           weights_follow=weights_follow or bool(cfg.init_from))
         if embedder is None and load_embedder:
             embedder = TextEmbedder.from_config(cfg.embedder)
-        llm_dim = embedder.dim if embedder is not None else int(cfg.embedder.arch.get("hidden_size", 0)) if cfg.embedder.arch else 0
-        adapter = MLPAdapter(llm_dim, clip_embed_dim(clip), cfg.adapter.num_blocks, cfg.adapter.expansion,
-                             cfg.adapter.dropout)
-        model = cls(clip, tokenizer, embedder, adapter, None, pre_train, pre_eval)
+        adapter = None
+        if embedder is not None:
+            adapter = MLPAdapter(embedder.dim, clip_embed_dim(clip), cfg.adapter.num_blocks, cfg.adapter.expansion,
+                                 cfg.adapter.dropout)
+        model = cls(clip, tokenizer, embedder, adapter, None, pre_train, pre_eval, cfg)
         if cfg.init_from:
             model.load(cfg.init_from)
         return model
 
-    # ------------------------------------------------------------------ encoders
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        feats = self.clip.encode_image(images)
-        return F.normalize(feats, dim=-1) if normalize else feats
+    @classmethod
+    def from_file(cls, path: str | Path, embedder: Optional[TextEmbedder] = None) -> "ProCLIP":
+        """Rebuild a model from its file alone (config from the file's metadata, then its weights)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ProalignError(f"model file {path} does not exist")
+        if path.suffix != ".safetensors":
+            raise ProalignError(f"{path}: proalign model files are .safetensors")
+        cfg = read_model_config(path)
+        with safe_open(str(path), "pt") as handle:
+            has_adapter = any(k.startswith("adapter.") for k in handle.keys())
+        model = cls.from_config(cfg, embedder=embedder, load_embedder=has_adapter, weights_follow=True)
+        return model.load(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    def _require_text_tower(self) -> None:
+        if self.embedder is None or self.adapter is None:
+            raise ProalignError("this model has no LLM text tower (a teacher CLIP file, or built with "
+                                "load_embedder=False); load a stage1, stage2 or coop model file")
+
+    # ------------------------------------------------------------------ inference API
+    def tokenize(self, texts: Union[str, Sequence[str]]):
+        """The embedder's tokenizer with the role prefix and counted truncation (input_ids +
+        attention_mask); `encode_text` accepts what this returns."""
+        self._require_text_tower()
+        return self.embedder.tokenize([texts] if isinstance(texts, str) else list(texts))
+
+    def _image_tensor(self, item) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                with Image.open(item) as opened:
+                    item = opened.convert("RGB")
+            except (OSError, UnidentifiedImageError) as err:
+                raise ProalignError(f"{item}: not a readable image ({err})") from None
+        if not isinstance(item, Image.Image):
+            raise TypeError(f"encode_image takes PIL images, paths or tensors, got {type(item).__name__}")
+        if self.preprocess_eval is None:
+            raise RuntimeError("this model has no image preprocessing; pass preprocessed tensors")
+        return self.preprocess_eval(item.convert("RGB"))
+
+    def encode_image(self, images, batch_size: int = 64, show_progress_bar: bool = False,
+                     convert_to_numpy: bool = False, normalize: bool = True):
+        """Image embeddings (B, d) of PIL images, image paths or preprocessed tensors ((3, H, W),
+        a list of them, or a (B, 3, H, W) batch); one image gives a (d,) vector."""
+        from PIL import Image
+        single = isinstance(images, (str, os.PathLike, Image.Image)) or (
+            isinstance(images, torch.Tensor) and images.dim() == 3)
+        items = [images] if single else images
+        batches = range(0, len(items), batch_size)
+        with torch.inference_mode():
+            outs = []
+            for start in _tqdm(batches, "images", show_progress_bar, "batch"):
+                chunk = items[start:start + batch_size]
+                batch = chunk if isinstance(chunk, torch.Tensor) else torch.stack(
+                    [self._image_tensor(item) for item in chunk])
+                outs.append(self.clip.encode_image(batch.to(self.device)).float())
+            out = torch.cat(outs) if outs else torch.empty(0, clip_embed_dim(self.clip), device=self.device)
+            if normalize:
+                out = F.normalize(out, dim=-1)
+        return _output(out, single, convert_to_numpy)
 
     def encode_llm_features(self, feats: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Adapter on (cached) embedder features; differentiable (used by training and eval)."""
         out = self.adapter(feats)
         return F.normalize(out, dim=-1) if normalize else out
 
-    def encode_text(self, texts: Sequence[str], prompt: bool = False, normalize: bool = True,
-                    batch_size: int = 64, class_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Texts through the LLM embedder (+ the learned context when `prompt`) and the adapter.
-        A class-specific context also needs each text's `class_index`."""
-        if self.embedder is None:
-            raise RuntimeError("this ProCLIP was built without its embedder")
-        if prompt:
-            if self.prompt is None:
-                raise RuntimeError("prompt=True but no prompt context is loaded (train one with `proalign coop`)")
-            feats = self.prompt.encode(texts, class_index, batch_size).to(self.adapter.proj.weight.device)
-        else:
-            feats = self.embedder.encode(texts, batch_size=batch_size).to(self.adapter.proj.weight.device)
-        return self.encode_llm_features(feats, normalize)
+    def encode_text(self, texts, prompt: bool = False, class_index: Optional[torch.Tensor] = None,
+                    batch_size: int = 64, show_progress_bar: bool = False, convert_to_numpy: bool = False,
+                    normalize: bool = True):
+        """Text embeddings (B, d) through the LLM embedder (+ the learned CoOp context when `prompt`)
+        and the adapter. `texts`: a string, a list of strings, or what `tokenize` returns. A
+        class-specific context also needs each text's `class_index`. One string gives a (d,) vector."""
+        self._require_text_tower()
+        single = isinstance(texts, str)
+        with torch.inference_mode():
+            if isinstance(texts, Mapping):
+                if prompt:
+                    raise ValueError("prompt=True takes strings (the context is spliced in around the text)")
+                feats = self.embedder(texts["input_ids"].to(self.embedder.device),
+                                      texts["attention_mask"].to(self.embedder.device))
+            elif prompt:
+                if self.prompt is None:
+                    raise ProalignError("prompt=True but no prompt context is loaded (train one with `proalign coop`)")
+                feats = self.prompt.encode([texts] if single else list(texts), class_index, batch_size)
+            else:
+                feats = self.embedder.encode([texts] if single else list(texts), batch_size=batch_size,
+                                             progress=show_progress_bar)
+            out = self.encode_llm_features(feats.to(self.device), normalize)
+        return _output(out, single, convert_to_numpy)
 
     @torch.no_grad()
     def encode_text_clip(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Baseline: the original CLIP text tower (truncates at its context length)."""
-        device = next(self.clip.parameters()).device
-        out = encode_clip_text(self.clip, self.clip_tokenizer, texts, device=device)
+        out = encode_clip_text(self.clip, self.clip_tokenizer, texts, device=self.device)
         return F.normalize(out, dim=-1) if normalize else out
 
     def count_truncated(self, texts: Sequence[str], tower: str) -> int:
@@ -106,13 +240,20 @@ class ProCLIP(nn.Module):
     # ------------------------------------------------------------------ save / load
     def weights(self) -> dict[str, torch.Tensor]:
         out = {f"clip.{k}": v for k, v in self.clip.state_dict().items()}
-        out.update({f"adapter.{k}": v for k, v in self.adapter.state_dict().items()})
+        if self.adapter is not None:
+            out.update({f"adapter.{k}": v for k, v in self.adapter.state_dict().items()})
         if self.prompt is not None:
             out.update({f"prompt.{k}": v for k, v in self.prompt.learnable_state_dict().items()})
         return out
 
     def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
+        """A self-contained model file: the weights plus the config that rebuilds the model."""
+        path = Path(path)
         meta = dict(metadata or {})
+        if self.config is not None:
+            sections, local = model_config_sections(self.config, path.parent)
+            meta[CONFIG_KEY] = json.dumps(sections, sort_keys=True, ensure_ascii=False)
+            meta[LOCAL_PATHS_KEY] = json.dumps(local)
         if self.embedder is not None:
             meta["embedder"] = self.embedder.fingerprint()
         if self.prompt is not None:
@@ -131,6 +272,8 @@ class ProCLIP(nn.Module):
         for prefix, module in parts.items():
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             if sub:
+                if module is None:
+                    raise ProalignError(f"{path}: holds {prefix} weights but this model has no {prefix}")
                 try:
                     module.load_state_dict(sub, strict=True)
                 except RuntimeError as err:
@@ -140,3 +283,10 @@ class ProCLIP(nn.Module):
             from .prompt import PromptLearner
             self.prompt = PromptLearner.from_state(self.embedder, prompt_state, metadata, str(path))
         return self
+
+
+def _output(out: torch.Tensor, single: bool, convert_to_numpy: bool):
+    # Cloned outside inference mode: callers may use the result in autograd or in-place ops.
+    out = out.clone()
+    out = out[0] if single else out
+    return out.cpu().numpy() if convert_to_numpy else out

