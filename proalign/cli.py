@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
     args = parser.parse_args([a for a in argv if not a.startswith("--local_rank")])
-    if not getattr(args, "verbose", False):
-        # transformers and huggingface_hub read this when imported: no per-file load bars
+    if getattr(args, "verbose", False):
+        os.environ["PROALIGN_VERBOSE"] = "1"
+    else:  # huggingface_hub reads this when imported: no per-file download bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -69,30 +69,74 @@ def gap_in_se(a: float, a_se: float, b: float, b_se: float) -> float:
     return (a - b) / se if se > 0 else float("inf") if a != b else 0.0
 
 
-class _Timer:
-    def __init__(self):
+# Seconds per demo step with configs/demo.yaml on 2 CPU cores (docs/demo-benchmark-*.md), and the
+# config field that scales it: the ETA is these, scaled by the config and by this machine's speed.
+REFERENCE_SECONDS = {
+    "teacher CLIP": (120, ("teacher", 300)), "load embedder": (3, None), "embedding cache": (145, None),
+    "decode eval images": (3, None), "text measure, before stage 1": (3, None),
+    "stage 1": (38, ("stage1", 800)), "eval stage 1": (100, None), "stage 2": (90, ("stage2", 200)),
+    "eval stage 2": (6, None), "CoOp head": (66, None), "eval CoOp head": (69, None), "search example": (10, None),
+}
+
+
+def planned_seconds(cfg: RunConfig, name: str, reused: bool = False) -> float:
+    """Expected seconds of a demo step under `cfg` on the reference machine (0 when reused)."""
+    if reused:
+        return 0.0
+    seconds, scaled_by = REFERENCE_SECONDS.get(name, (10, None))
+    if scaled_by:
+        stage, reference_steps = scaled_by
+        seconds *= getattr(cfg, stage).train.steps / reference_steps
+    return float(seconds)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class StepClock:
+    """`[k/n] step` lines with the elapsed time and an overall ETA: the planned seconds of the steps
+    left, times how this machine compares with the reference so far."""
+
+    def __init__(self, plan: dict[str, float]):
+        self.plan = dict(plan)
         self.steps: dict[str, float] = {}
+        self.start = time.time()
+
+    def speed(self) -> float:
+        done = [(self.steps[n], self.plan[n]) for n in self.steps if self.plan.get(n, 0) >= 5]
+        if not done:
+            return 1.0
+        return min(max(sum(a for a, _ in done) / sum(p for _, p in done), 0.2), 5.0)
+
+    def eta(self) -> float:
+        return self.speed() * sum(s for n, s in self.plan.items() if n not in self.steps)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        start = time.time()
-        print(f"[demo] {name} ...", flush=True)
+        k = list(self.plan).index(name) + 1 if name in self.plan else len(self.steps) + 1
+        began = time.time()
+        print(f"[{k}/{len(self.plan)}] {name} ... (elapsed {_clock(began - self.start)}, "
+              f"ETA {_clock(self.eta())})", flush=True)
         yield
-        self.steps[name] = time.time() - start
-        print(f"[demo] {name}: {self.steps[name]:.0f} s", flush=True)
+        self.steps[name] = time.time() - began
+        print(f"[{k}/{len(self.plan)}] {name}: {self.steps[name]:.0f} s (elapsed {_clock(time.time() - self.start)}, "
+              f"ETA {_clock(self.eta())})", flush=True)
 
 
 class DemoEvaluation:
     """The demo's eval sets, decoded once (plus the long-caption set), and the rows of every model."""
 
-    def __init__(self, cfg: RunConfig, model: ProCLIP, llm_features: CachedTextFeatures, languages):
+    def __init__(self, cfg: RunConfig, model: ProCLIP, llm_features: CachedTextFeatures, languages,
+                 progress: bool = False):
         self.model, self.llm_features = model, llm_features
         groups: dict[str, list[str]] = {}
         for shard in expand_shards(cfg.data.eval_shards):
             groups.setdefault(dataset_name(shard), []).append(shard)
         sets = [load_shard_set(name, shards, model.preprocess_eval, languages, cfg.data.max_eval_samples)
                 for name, shards in groups.items()]
-        self.evaluator = Evaluator(sets)
+        self.evaluator = Evaluator(sets, progress)
         self.split_names = [s.name for s in sets]
         language_set = next((s for s in sets if s.name.endswith("test-language")), None)
         self.long_name = None
@@ -129,12 +173,19 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     teacher_path = out / "teacher.safetensors"
     base = [f"output_dir={out}", *(overrides or [])]
     cfg = load_config(config or DEFAULT_CONFIG, base)
-    timer = _Timer()
+    stages = [("stage 1", "stage1.safetensors", run_stage1, "after stage 1", False),
+              ("stage 2", "stage2.safetensors", run_stage2, "after stage 2", False),
+              ("CoOp head", "coop.safetensors", run_coop, "+ CoOp context", True)]
+    reused = {"teacher CLIP": teacher_path.exists() and not resume}
+    reused.update({name: (out / filename).exists() and not resume for name, filename, *_ in stages})
+    names = ["teacher CLIP", "load embedder", "embedding cache", "decode eval images", "text measure, before stage 1"]
+    names += [n for name, *_ in stages for n in (name, f"eval {name}")] + ["search example"]
+    timer = StepClock({n: planned_seconds(cfg, n, reused.get(n, False)) for n in names})
     total = time.time()
 
     with timer("teacher CLIP"):
         if teacher_path.exists() and not resume:
-            print(f"[demo] reusing trained teacher {teacher_path}")
+            print(f"      reusing trained teacher {teacher_path}")
         else:
             run_teacher(cfg, resume=resume, progress=progress)
     with timer("load embedder"):
@@ -147,7 +198,7 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     clip_ids, clip_feats, _ = caching.teacher_cache(cfg, model).load(cfg.data.eval_shards, eval_languages)
     with timer("decode eval images"):
         llm_features = CachedTextFeatures(llm_ids, llm_feats, lambda texts: model.embedder.encode(texts))
-        evaluation = DemoEvaluation(cfg, model, llm_features, eval_languages)
+        evaluation = DemoEvaluation(cfg, model, llm_features, eval_languages, progress)
 
     text_rows: list[dict] = []
     text_languages = eval_languages or sorted({cid.rsplit("|", 2)[1] for cid in llm_ids})
@@ -167,26 +218,86 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     adapter_fn = lambda feats: model.encode_llm_features(feats, normalize=False)  # noqa: E731
     with timer("text measure, before stage 1"):
         text_measure({CLIP_TOWER: None, "before stage 1": adapter_fn})
-    stages = [("stage 1", "stage1.safetensors", run_stage1, "after stage 1", False),
-              ("stage 2", "stage2.safetensors", run_stage2, "after stage 2", False),
-              ("CoOp head", "coop.safetensors", run_coop, "+ CoOp context", True)]
     for name, filename, run_stage, label, prompt in stages:
         with timer(name):
             path = out / filename
             if path.exists() and not resume:
                 model.load(path)
-                print(f"[demo] reusing {path}")
+                print(f"      reusing {path}")
             else:
                 run_stage(cfg, resume=resume, model=model, progress=progress)
         with timer(f"eval {name}"):
             evaluation.run(label, prompt=prompt, with_clip_text=not evaluation.rows)
             if name == "stage 1":
                 text_measure({"after stage 1": adapter_fn})
+    with timer("search example"):
+        search_lines = search_example(cfg, out)
     timer.steps["total"] = time.time() - total
     peak_gb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024 ** 2
-    write_report(out, evaluation.rows, text_rows, timer.steps, peak_gb)
+    write_report(out, evaluation.rows, text_rows, timer.steps, peak_gb, search_lines)
     return out / "results.md"
+
+
+# ----------------------------------------------------------------------------- search example
+
+SEARCH_SPLIT = "styles-test-style"         # Twemoji drawings: a style never trained on
+SEARCH_CONCEPTS = ["red apple", "cat face", "dog face", "rocket", "sun"]
+SEARCH_LANGUAGES = ["de", "ja", "ar", "sw"]
+SEARCH_TOP_K = 5
+
+
+def export_search_images(shards, folder: Path) -> dict[str, dict]:
+    """The split's images as files `<key>.<ext>` (bytes as stored); returns key -> captions."""
+    from .data.shards import IMAGE_EXTS, iter_raw_samples, parse_meta
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = {}
+    for shard in shards:
+        for sample in iter_raw_samples(shard):
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:
+                continue
+            key = sample["__key__"]
+            target = folder / f"{key}.{ext}"
+            if not target.exists():
+                target.write_bytes(sample[ext])
+            captions[key] = parse_meta(sample, shard)["captions"]
+    return captions
+
+
+def search_example(cfg: RunConfig, out: Path) -> list[str]:
+    """`proalign search` on the Twemoji drawings with the finished run: one concept's name in
+    several languages, top-k hits each (a hit is right when it is that concept's drawing)."""
+    from .loading import load
+    from .search import build_index, search
+    shards = [sh for sh in expand_shards(cfg.data.eval_shards) if dataset_name(sh) == SEARCH_SPLIT]
+    if not shards:
+        return []
+    folder = out / "search-images"
+    captions = export_search_images(shards, folder)
+    english = {key: caps.get("en", [""])[0] for key, caps in captions.items()}
+    key = next((k for c in SEARCH_CONCEPTS for k, name in english.items() if name == c), None)
+    if key is None:
+        return []
+    queries = [(lang, captions[key][lang][0]) for lang in SEARCH_LANGUAGES if captions[key].get(lang)]
+    model, _, _ = load(out, device="cpu")
+    index, counts = build_index(model, folder, progress=False)
+    hits = search(model, index, [q for _, q in queries], SEARCH_TOP_K)
+    lines = [f"`proalign search {folder.name}/ QUERY --model {out.name}` over the {counts['images']} Twemoji drawings "
+             f"of {SEARCH_SPLIT} (a style never trained on). The queries name **{english[key]}** "
+             f"(`{key}`) in {len(queries)} languages; ✓ marks that concept's drawing (chance of a ✓ in the top "
+             f"{SEARCH_TOP_K}: {SEARCH_TOP_K / counts['images']:.4f}).", "",
+             "| language | query | rank | score | image (English name) |", "|---|---|---|---|---|"]
+    for (lang, query), found in zip(queries, hits):
+        for rank, hit in enumerate(found, 1):
+            hit_key = Path(hit.path).stem
+            mark = " ✓" if hit_key == key else ""
+            lines.append(f"| {lang if rank == 1 else ''} | {query if rank == 1 else ''} | {rank} | {hit.score:+.3f} | "
+                         f"`{hit.path}` ({english.get(hit_key, '?')}){mark} |")
+    found_at = [next((r for r, h in enumerate(f, 1) if Path(h.path).stem == key), None) for f in hits]
+    lines += ["", f"The drawing is in the top {SEARCH_TOP_K} for {sum(r is not None for r in found_at)} of "
+              f"{len(queries)} queries.", ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------- report
@@ -264,7 +375,8 @@ SUMMARY_COLUMNS = ["model", "en t2i R@1", "non-en t2i R@1", "non-en t2i R@5", "n
                    "chance R@1"]
 
 
-def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: dict, peak_gb: float) -> None:
+def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: dict, peak_gb: float,
+                 search_lines: Optional[list[str]] = None) -> None:
     write_rows(rows + text_rows, out / "demo_rows.jsonl")
     parts = ["# proalign demo results", "",
              f"Every number is ± 1 standard error; a claim holds when its gap exceeds {SIGMAS:.0f} standard errors "
@@ -285,6 +397,8 @@ def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: di
     if coop.exists():
         parts += ["## CoOp head (zero-shot classification of the held-out concepts by language of the class names)", "",
                   coop.read_text().split("\n", 2)[-1], "![CoOp accuracy](coop_accuracy.png)", ""]
+    if search_lines:
+        parts += ["## Search: one concept named in several languages", "", *search_lines]
     parts += ["## Time per step (seconds)", "",
               markdown_table([{"step": k, "seconds": round(v, 1)} for k, v in timings.items()], ["step", "seconds"]),
               "", f"Peak RSS: {peak_gb:.2f} GB.", ""]

@@ -181,6 +181,8 @@ def run_search(model_path: str, folder: str, queries: Sequence[str], top_k: int 
     queries = [q for q in queries if q.strip()]
     if not queries:
         raise ProalignError("give at least one non-empty query")
+    if not Path(folder).is_dir():  # before the model loads
+        raise ProalignError(f"{folder}: not a folder of images")
     model, _, _ = load(model_path, device)
     index, counts = build_index(model, folder, index_path, batch_size, progress)
     print(f"index: {counts['images']} images ({counts['encoded']} encoded, {counts['reused']} reused, "

@@ -434,3 +434,21 @@ def test_committed_style_shards_keep_the_questions_apart():
         languages = {lang for m in metas[split] for lang in m["captions"]}
         assert len(languages) >= 28 and languages >= set(build.LANGUAGES)
     assert len(concepts["train"]) + len(concepts["test-concept"]) > 1500
+
+
+def test_evaluator_shows_inner_progress_and_chunking_keeps_the_numbers(monkeypatch, capsys):
+    import torch
+    from proalign.eval import evaluator as ev
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(5, 8, generator=g)
+    metas = {f"k{i}": {"captions": {"en": [f"e{i}", f"f{i}"], "de": [f"d{i}"]}} for i in range(5)}
+    table = {f"{p}{i}": images[i] + 0.5 * torch.randn(8, generator=g) for i in range(5) for p in "efd"}
+    tower = ev.TextTower("toy", lambda texts, ids: torch.stack([table[t] for t in texts]))
+    s = ev.EvalSet("toyset", images, list(metas), metas)
+    whole = ev.Evaluator([s]).evaluate(lambda x: x, [tower])
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "TEXT_CHUNK", 2)
+    chunked = ev.Evaluator([s], progress=True).evaluate(lambda x: x, [tower])
+    err = capsys.readouterr().err
+    assert "toyset: images" in err and "toyset: captions" in err
+    assert chunked == whole and {r["language"] for r in whole} == {"en", "de"}

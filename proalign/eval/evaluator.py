@@ -21,6 +21,7 @@ from .retrieval import recall_uncertainty, retrieval_metrics
 log = logging.getLogger(__name__)
 CLIP_TOWER = "CLIP text tower"
 IMAGE_BATCH = 256
+TEXT_CHUNK = 1024  # captions per text-tower call (the progress bar moves per chunk)
 
 
 @dataclass
@@ -93,8 +94,9 @@ def languages_present(metas: dict) -> list[str]:
 class Evaluator:
     """Eval sets decoded once; `evaluate` runs any image encoder and text towers on all of them."""
 
-    def __init__(self, sets: Sequence[EvalSet]):
+    def __init__(self, sets: Sequence[EvalSet], progress: bool = False):
         self.sets = {s.name: s for s in sets}
+        self.progress = progress
 
     @torch.no_grad()
     def evaluate(self, encode_image: Callable[[torch.Tensor], torch.Tensor], towers: Sequence[TextTower],
@@ -102,17 +104,13 @@ class Evaluator:
         rows = []
         for name in list(self.sets) if names is None else names:
             s = self.sets[name]
-            rows += evaluate_set(encode_image, towers, s)
+            rows += evaluate_set(encode_image, towers, s, self.progress)
         return rows
 
 
-@torch.no_grad()
-def evaluate_set(encode_image, towers: Sequence[TextTower], s: EvalSet) -> list[dict]:
-    """One row per (tower, language): R@1/5/10 both ways (± s.e., chance) over the images
-    captioned in that language, and how many of those captions the tower cut."""
-    image_emb = torch.cat([encode_image(s.images[i:i + IMAGE_BATCH])
-                           for i in range(0, len(s.images), IMAGE_BATCH)]).cpu()
-    rows = []
+def _captions_by_language(s: EvalSet) -> dict[str, tuple[list[str], list[str], list[int]]]:
+    """language -> (texts, caption ids, owning image index), for the languages that have captions."""
+    out = {}
     for lang in s.languages or languages_present(s.metas):
         texts, ids, owner = [], [], []
         for idx, key in enumerate(s.keys):
@@ -120,14 +118,39 @@ def evaluate_set(encode_image, towers: Sequence[TextTower], s: EvalSet) -> list[
                 texts.append(text)
                 ids.append(cid)
                 owner.append(idx)
-        if not texts:
+        if texts:
+            out[lang] = (texts, ids, owner)
+        else:
             log.warning("eval %s: no %s captions, language skipped", s.name, lang)
-            continue
+    return out
+
+
+@torch.no_grad()
+def evaluate_set(encode_image, towers: Sequence[TextTower], s: EvalSet, progress: bool = False) -> list[dict]:
+    """One row per (tower, language): R@1/5/10 both ways (± s.e., chance) over the images
+    captioned in that language, and how many of those captions the tower cut."""
+    from tqdm.auto import tqdm
+    image_bar = tqdm(total=len(s.images), desc=f"{s.name}: images", unit="img", disable=not progress, leave=False)
+    parts = []
+    for i in range(0, len(s.images), IMAGE_BATCH):
+        parts.append(encode_image(s.images[i:i + IMAGE_BATCH]).cpu())
+        image_bar.update(len(parts[-1]))
+    image_bar.close()
+    image_emb = torch.cat(parts)
+    by_language = _captions_by_language(s)
+    text_bar = tqdm(total=len(towers) * sum(len(v[0]) for v in by_language.values()), desc=f"{s.name}: captions",
+                    unit="cap", disable=not progress, leave=False)
+    rows = []
+    for lang, (texts, ids, owner) in by_language.items():
         used = sorted(set(owner))
         remap = {old: new for new, old in enumerate(used)}
         target = torch.tensor([remap[o] for o in owner])
         for tower in towers:
-            text_emb = tower.encode(texts, ids).cpu()
+            chunks = []
+            for start in range(0, len(texts), TEXT_CHUNK):
+                chunks.append(tower.encode(texts[start:start + TEXT_CHUNK], ids[start:start + TEXT_CHUNK]).cpu())
+                text_bar.update(len(chunks[-1]))
+            text_emb = torch.cat(chunks)
             metrics = retrieval_metrics(image_emb[used], text_emb, target)
             metrics.update(recall_uncertainty(metrics, target, len(used)))
             row = {"dataset": s.name, "model": tower.name, "language": lang, "images": len(used),
@@ -138,6 +161,7 @@ def evaluate_set(encode_image, towers: Sequence[TextTower], s: EvalSet) -> list[
                     log.info("eval %s/%s: %s cut %d of %d captions", s.name, lang, tower.name, row["truncated"],
                              len(texts))
             rows.append(row)
+    text_bar.close()
     return rows
 
 

@@ -34,7 +34,8 @@ def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
     for index, (label, path) in enumerate(tqdm(models.items(), desc="eval", disable=not progress, unit="model")):
         model = ProCLIP.from_config(cfg, embedder=embedder).load(path).eval()
         if evaluator is None:  # decoded once, with the first model's preprocessing
-            evaluator = Evaluator([load_eval_dataset(ds, model.preprocess_eval) for ds in cfg.eval.datasets])
+            evaluator = Evaluator([load_eval_dataset(ds, model.preprocess_eval) for ds in cfg.eval.datasets],
+                                  progress=progress)
         towers = [clip_text_tower(model)] if cfg.eval.clip_text_baseline and index == 0 else []
         towers.append(llm_text_tower(model, label, batch_size=bs))
         if model.prompt is not None:

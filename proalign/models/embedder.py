@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -81,9 +82,20 @@ class TextEmbedder(nn.Module):
     # -------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
-        from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # e.g. the unused BERT pooler is reported as "missing"
+        bars = hf_logging.is_progress_bar_enabled()
+        if os.environ.get("PROALIGN_VERBOSE") != "1":  # transformers' per-file load bars: `--verbose` only
+            hf_logging.disable_progress_bar()
+        try:
+            return cls._from_config(cfg)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    @classmethod
+    def _from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
+        from transformers import AutoModel, AutoTokenizer
         pooling, q_prefix, p_prefix = cfg.pooling or "mean", cfg.query_prefix, cfg.passage_prefix
         head = head_dim = None
         if cfg.source == "random":
