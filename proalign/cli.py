@@ -48,7 +48,14 @@ def main(argv=None) -> int:
     add("teacher", "pre-train a small CLIP on the training shards")
     add("stage1", "distil CLIP's text space into LLM embedder + adapter")
     add("stage2", "align image tower + adapter (InfoNCE + EMA self-distillation)")
-    add("coop", "few-shot CoOp prompt context on the embedder (needs init_from: a stage-2 model)")
+    coop = add("coop", "few-shot CoOp prompt context on the embedder (needs init_from: a stage-2 model)")
+    coop.add_argument("--shots", type=int, nargs="+", metavar="K",
+                      help="CoOp protocol: one head per shot count and seed (e.g. --shots 1 2 4 8 16); "
+                           "writes coop_protocol.md/.png with mean ± std over seeds; finished runs are skipped")
+    coop.add_argument("--seeds", type=int, nargs="+", metavar="S", default=None,
+                      help="seeds of the protocol (default: 1 2 3); each draws its own few-shot subset")
+    coop.add_argument("--base-to-new", action="store_true",
+                      help="train on the base half of the classes, report base, new and their harmonic mean")
     add("eval", "retrieval of eval.models on eval.datasets -> results.md + plots", resumable=False)
     demo = add("demo", "the whole pipeline on the embedded shards", config_required=False)
     demo.add_argument("--output-dir", default="runs/demo", help="run folder (re-running reuses what it holds)")
@@ -125,6 +132,9 @@ def _dispatch(args) -> int:
     elif args.command == "stage2":
         from .stages.stage2 import run_stage2
         run_stage2(cfg, args.resume, progress=progress)
+    elif args.command == "coop" and (args.shots or args.seeds or args.base_to_new):
+        from .stages.coop_protocol import run_protocol
+        run_protocol(cfg, args.shots or [cfg.coop.shots], args.seeds or [1, 2, 3], args.base_to_new, progress)
     elif args.command == "coop":
         from .stages.coop import run_coop
         run_coop(cfg, args.resume, progress=progress)

@@ -133,6 +133,19 @@ class TeacherConfig:
 
 
 @dataclass
+class EvalDatasetConfig:
+    """One evaluation set in a registered format (proalign/data/readers.py `register_format`):
+    `shards` (webdataset brace pattern), xm3600, urban1k, sharegpt4v, docci, dci, jsonl.
+    `options` are the format's own (e.g. docci `split`, sharegpt4v `images`/`limit`)."""
+    name: str
+    format: str
+    path: str
+    languages: list = field(default_factory=list)  # empty: every language present
+    max_samples: Optional[int] = None
+    options: Any = field(default_factory=dict)     # validated into the format's options dataclass
+
+
+@dataclass
 class CoopConfig:
     """Few-shot CoOp head (defaults follow CoOp: 16 context vectors, SGD 0.002, cosine, 1 warm-up
     epoch, batch 32). Classes come from each sample's `label` (else its key); class names from
@@ -154,21 +167,12 @@ class CoopConfig:
     eval_languages: list = field(default_factory=list)
     train_shards: list = field(default_factory=list)  # empty: data.train_shards
     eval_shards: list = field(default_factory=list)   # empty: data.eval_shards
+    # A classification dataset (imagefolder, coop-split) instead of labelled shards; for coop-split
+    # set options.split (train / test).
+    train_data: Optional[EvalDatasetConfig] = None
+    eval_data: Optional[EvalDatasetConfig] = None
     log_every: int = 10
     prompt: PromptConfig = field(default_factory=PromptConfig)
-
-
-@dataclass
-class EvalDatasetConfig:
-    """One evaluation set in a registered format (proalign/data/readers.py `register_format`):
-    `shards` (webdataset brace pattern), xm3600, urban1k, sharegpt4v, docci, dci, jsonl.
-    `options` are the format's own (e.g. docci `split`, sharegpt4v `images`/`limit`)."""
-    name: str
-    format: str
-    path: str
-    languages: list = field(default_factory=list)  # empty: every language present
-    max_samples: Optional[int] = None
-    options: Any = field(default_factory=dict)     # validated into the format's options dataclass
 
 
 @dataclass
@@ -178,6 +182,11 @@ class EvalConfig:
     datasets: list[EvalDatasetConfig] = field(default_factory=list)
     clip_text_baseline: bool = True
     batch_size: int = 64
+    # Zero-shot classification prompts, language -> template or list of templates (each with one
+    # {}); unset languages use proalign/eval/templates.py. template_ensemble: English uses the
+    # built-in ensemble (class embedding = mean of the normalised template embeddings).
+    templates: dict = field(default_factory=dict)
+    template_ensemble: bool = True
 
 
 @dataclass
@@ -312,6 +321,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     for lang, template in cfg.coop.templates.items():
         need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
              "must be a string with exactly one {} for the class name")
+    for lang, templates in cfg.eval.templates.items():
+        listed = [templates] if isinstance(templates, str) else templates
+        need(isinstance(listed, list) and bool(listed) and all(isinstance(t, str) and t.count("{}") == 1 for t in listed),
+             f"eval.templates.{lang}", "must be a template or a list of templates, each with exactly one {}")
     if cfg.embedder.pooling is not None:
         from .models.pooling import POOLERS
         need(cfg.embedder.pooling in POOLERS, "embedder.pooling",
@@ -332,6 +345,13 @@ def _check_ranges(cfg: RunConfig) -> None:
         need(isinstance(path, str) and Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
     shard_lists = [("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards),
                    ("coop.train_shards", cfg.coop.train_shards), ("coop.eval_shards", cfg.coop.eval_shards)]
+    for where, ds in (("coop.train_data", cfg.coop.train_data), ("coop.eval_data", cfg.coop.eval_data)):
+        if ds is not None:
+            ds.options = _format_options(ds, where)
+            from .data.readers import FORMATS
+            need(FORMATS[ds.format].task == "classification", f"{where}.format",
+                 f"{ds.format!r} is not a classification format (imagefolder, coop-split)")
+            need(Path(ds.path).exists(), f"{where}.path", f"{ds.path!r} does not exist")
     for i, ds in enumerate(cfg.eval.datasets):
         ds.options = _format_options(ds, f"eval.datasets[{i}]")
         if ds.format == "shards":

@@ -34,6 +34,16 @@ class LabelledImages:
     def languages(self) -> list[str]:
         return sorted({lang for names in self.names for lang in names})
 
+    def only(self, class_ids) -> "LabelledImages":
+        """The images of the given classes (by id), labels renumbered in this set's class order."""
+        wanted = set(class_ids)
+        kept = [i for i, c in enumerate(self.classes) if c in wanted]
+        remap = torch.full((len(self.classes),), -1, dtype=torch.long)
+        remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+        rows = remap[self.labels] >= 0
+        return LabelledImages(self.images[rows], remap[self.labels][rows], [self.classes[i] for i in kept],
+                              [self.names[i] for i in kept], self.skips)
+
 
 def _class_names(meta: dict) -> dict[str, list[str]]:
     source = meta.get("class_names") or meta.get("captions") or {}

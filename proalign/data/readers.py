@@ -97,16 +97,20 @@ class EvalFormat:
     read: Callable
     options: type
     decoded: bool = False
+    task: str = "retrieval"  # or "classification": the reader returns ClassificationRecords
 
 
 FORMATS: dict[str, EvalFormat] = {}
 
 
-def register_format(name: str, options: type = NoOptions, decoded: bool = False):
+def register_format(name: str, options: type = NoOptions, decoded: bool = False, task: str = "retrieval"):
+    if task not in ("retrieval", "classification"):
+        raise ValueError(f"dataset format {name!r}: task must be retrieval or classification, got {task!r}")
+
     def add(reader):
         if name in FORMATS:
             raise ValueError(f"dataset format {name!r} is already registered")
-        FORMATS[name] = EvalFormat(reader, options, decoded)
+        FORMATS[name] = EvalFormat(reader, options, decoded, task)
         return reader
     return add
 
@@ -260,8 +264,10 @@ def read_dataset(fmt: str, path: str | Path, languages: Optional[Sequence[str]] 
 
 def load_dataset(fmt: str, path, preprocess: Callable, options=None, languages: Optional[Sequence[str]] = None,
                  max_samples: Optional[int] = None, skips: Optional[Counter] = None):
-    """(images tensor, keys, {key: meta}) of any registered format."""
+    """(images tensor, keys, {key: meta}) of any registered retrieval format."""
     entry = FORMATS[fmt]
+    if entry.task != "retrieval":
+        raise ValueError(f"dataset format {fmt!r} is a {entry.task} format (use load_classification)")
     if entry.decoded:
         return entry.read(path, preprocess, max_samples=max_samples, skips=skips)
     records = read_dataset(fmt, path, languages, **(vars(options) if options is not None else {}))
@@ -288,3 +294,19 @@ def load_records(records: Sequence[Record], preprocess: Callable, max_samples: O
         keys.append(record.key)
         metas[record.key] = {"captions": record.captions}
     return (torch.stack(images) if images else torch.empty(0)), keys, metas
+
+
+def load_classification(fmt: str, path, preprocess: Callable, options=None, max_samples: Optional[int] = None,
+                        skips: Optional[Counter] = None, shots: Optional[int] = None, seed: int = 0):
+    """LabelledImages of a registered classification format (`shots` per class drawn with `seed`)."""
+    from .classification import decode_classification, few_shot
+    entry = FORMATS[fmt]
+    if entry.task != "classification":
+        raise ValueError(f"dataset format {fmt!r} is not a classification format")
+    records = entry.read(path, **(vars(options) if options is not None else {}))
+    if shots:
+        records = few_shot(records, shots, seed)
+    return decode_classification(records, preprocess, max_samples, skips)
+
+
+from . import classification  # noqa: E402,F401  (registers imagefolder and coop-split)

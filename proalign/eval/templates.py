@@ -49,3 +49,28 @@ def template_for(language: str, overrides: dict[str, str]) -> str:
         return PHOTO_OF[language]
     log.warning("no hand-written template for language %r: using the English one", language)
     return overrides.get("en", PHOTO_OF["en"])
+
+
+# An English ensemble for zero-shot classification (CLIP averages the normalised embeddings of many
+# phrasings of each class); the single-template default stays PHOTO_OF.
+ENGLISH_ENSEMBLE = [
+    "a photo of a {}.",
+    "a picture of the {}.",
+    "an image showing a {}.",
+    "a close-up photo of the {}.",
+    "a drawing of a {}.",
+    "an icon of a {}.",
+    "a rendering of the {}.",
+    "a {} in a photo.",
+]
+
+
+def templates_for(language: str, overrides: dict, ensemble: bool = False) -> list[str]:
+    """The templates of `language`: `overrides[language]` (a string or a list), else the English
+    ensemble (English, `ensemble`) or the built-in single template."""
+    if language in overrides:
+        value = overrides[language]
+        return [value] if isinstance(value, str) else list(value)
+    if ensemble and language == "en":
+        return list(ENGLISH_ENSEMBLE)
+    return [template_for(language, {})]

@@ -29,34 +29,77 @@ def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels:
 
 
 @torch.no_grad()
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """clip_benchmark's metrics: top-1 and top-5 accuracy, and mean per-class recall (the
+    top-1 recall of each class present in `labels`, averaged over those classes); plus the
+    binomial standard error of top-1."""
+    n = len(labels)
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hit1 = (top[:, 0] == labels).float()
+    recalls = [hit1[labels == c].mean().item() for c in labels.unique().tolist()]
+    top1 = hit1.mean().item()
+    return {"top1": top1, "top1_se": (top1 * (1 - top1) / n) ** 0.5, "top5": (top == labels[:, None]).any(1).float().mean().item(),
+            "mean_per_class_recall": sum(recalls) / len(recalls), "top1_chance": 1.0 / scores.shape[1]}
+
+
+def ensemble_encoder(encode_text: Callable[[list[str]], torch.Tensor], templates: Sequence[str]) -> ClassEncoder:
+    """Class embeddings from templates, as CLIP's zero-shot evaluation builds them: each class's
+    templates filled, encoded and normalised, averaged, and normalised again."""
+    def encode(names, _index):
+        texts = [t.format(n) for n in names for t in templates]
+        emb = torch.nn.functional.normalize(encode_text(texts).float(), dim=-1)
+        emb = emb.view(len(names), len(templates), -1).mean(1)
+        return torch.nn.functional.normalize(emb, dim=-1)
+    return encode
+
+
+def _language_subset(data: LabelledImages, lang: str):
+    """(class indices named in `lang`, their names, images of those classes, remapped labels)."""
+    kept = [c for c in range(len(data.classes)) if data.name_in(c, lang)]
+    remap = torch.full((len(data.classes),), -1, dtype=torch.long)
+    if kept:
+        remap[torch.tensor(kept)] = torch.arange(len(kept))
+    labels = remap[data.labels]
+    return kept, [data.name_in(c, lang) for c in kept], labels >= 0, labels
+
+
+@torch.no_grad()
+def classify_by_language(image_emb: torch.Tensor, data: LabelledImages,
+                         encoders_for: Callable[[str], dict[str, ClassEncoder]],
+                         languages: Optional[Sequence[str]] = None, dataset: str = "") -> list[dict]:
+    """One row per (language, encoder): the classes with a name in that language, their images,
+    and `classification_metrics`."""
+    rows = []
+    for lang in list(languages) if languages else data.languages():
+        kept, names, images, labels = _language_subset(data, lang)
+        if not kept or not images.any():
+            log.warning("zero-shot %s: no class (with images) has a %s name; language skipped", dataset, lang)
+            continue
+        for label, encode in encoders_for(lang).items():
+            class_emb = encode(names, torch.tensor(kept)).cpu()
+            scores = image_emb[images] @ class_emb.T
+            rows.append({"dataset": dataset, "model": label, "language": lang, "classes": len(kept),
+                         "images": int(images.sum()), **classification_metrics(scores, labels[images])})
+    return rows
+
+
+@torch.no_grad()
 def accuracy_by_language(image_emb: torch.Tensor, data: LabelledImages,
                          encoders_for: Callable[[str], dict[str, ClassEncoder]],
                          languages: Optional[Sequence[str]] = None, reference: str = "en") -> list[dict]:
-    """One row per language: classes/images with a name in it, then `acc <encoder>` and
+    """One row per language: classes/images with a name in it, then `acc <encoder>` (top-1) and
     `gap <encoder>` (reference-language accuracy minus this language's) for each of the
     language's encoders (`encoders_for(language)`, e.g. a template in that language)."""
-    langs = list(languages) if languages else data.languages()
-    rows = []
-    for lang in langs:
-        kept = [c for c in range(len(data.classes)) if data.name_in(c, lang)]
-        if not kept:
-            log.warning("zero-shot: no class has a %s name; language skipped", lang)
-            continue
-        remap = torch.full((len(data.classes),), -1, dtype=torch.long)
-        remap[torch.tensor(kept)] = torch.arange(len(kept))
-        labels = remap[data.labels]
-        images = labels >= 0
-        names = [data.name_in(c, lang) for c in kept]
-        row = {"language": lang, "classes": len(kept), "images": int(images.sum())}
-        for label, encode in encoders_for(lang).items():
-            class_emb = encode(names, torch.tensor(kept)).cpu()
-            row[f"acc {label}"] = zero_shot_accuracy(image_emb[images], class_emb, labels[images])["acc@1"]
-        rows.append(row)
-    ref = next((r for r in rows if r["language"] == reference), None)
-    for row in rows:
+    rows: dict[str, dict] = {}
+    for r in classify_by_language(image_emb, data, encoders_for, languages):
+        row = rows.setdefault(r["language"], {"language": r["language"], "classes": r["classes"], "images": r["images"]})
+        row[f"acc {r['model']}"] = r["top1"]
+    rows_list = list(rows.values())
+    ref = rows.get(reference)
+    for row in rows_list:
         for key in [k for k in row if k.startswith("acc ")]:
             row["gap " + key[4:]] = ref[key] - row[key] if ref and key in ref else float("nan")
-    return rows
+    return rows_list
 
 
 def handwritten_encoder(encode_text: Callable[[list[str]], torch.Tensor], language: str,

@@ -17,6 +17,7 @@ from ..data.samplers import EpochSampler
 from ..engine import StageTask
 from ..models.proclip import ProCLIP
 from ..models.towers import module_fingerprint
+from ..storage import save_tensors
 from .common import append_summary, is_main
 
 log = logging.getLogger(__name__)
@@ -103,18 +104,51 @@ def encode_images(model: ProCLIP, images: torch.Tensor, batch_size: int = 256) -
                       for i in range(0, len(images), batch_size)])
 
 
-def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
-    """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned."""
+def coop_data(cfg: RunConfig, preprocess, shots: int, seed: int):
+    """(training set with `shots` per class drawn with `seed`, evaluation set): from
+    `coop.train_data`/`coop.eval_data` (a classification format: imagefolder, coop-split), else
+    from labelled shards."""
     from ..data.classes import read_labelled
+    from ..data.readers import load_classification
+    c = cfg.coop
+
+    def load(dataset, shards, shots_, max_samples):
+        if dataset is not None:
+            return load_classification(dataset.format, dataset.path, preprocess, dataset.options,
+                                       max_samples=max_samples or dataset.max_samples, shots=shots_, seed=seed)
+        return read_labelled(shards, preprocess, shots_, seed, max_samples=max_samples)
+    train = load(c.train_data, c.train_shards or cfg.data.train_shards, shots, None)
+    evaluation = load(c.eval_data, c.eval_shards or cfg.data.eval_shards, None, cfg.data.max_eval_samples)
+    return train, evaluation
+
+
+def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True,
+             classes: str = "all", save_model: bool = True) -> dict:
+    """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned.
+    `classes="base-to-new"`: train on the base half of the training classes (CoOp's split) and
+    report the evaluation set's base and new classes apart (`rows` and `rows_new`)."""
+    from ..data.classification import class_halves
     from ..eval.report import coop_report, coop_table
     from ..eval.zeroshot import accuracy_handwritten_vs_learned
     from ..models.prompt import PromptLearner
     c = cfg.coop
+    if classes not in ("all", "base-to-new"):
+        raise ValueError(f"coop classes must be 'all' or 'base-to-new', got {classes!r}")
+    if classes == "base-to-new" and c.prompt.class_specific:
+        raise ValueError("coop.prompt.class_specific: base-to-new needs a context shared by all classes "
+                         "(new classes have no class-specific context)")
     engine.seed_everything(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
-    train_set = read_labelled(c.train_shards or cfg.data.train_shards, model.preprocess_eval, c.shots, cfg.seed)
-    eval_set = read_labelled(c.eval_shards or cfg.data.eval_shards, model.preprocess_eval,
-                             max_samples=cfg.data.max_eval_samples)
+    train_set, eval_set = coop_data(cfg, model.preprocess_eval, c.shots, cfg.seed)
+    eval_parts = {"all": eval_set}
+    if classes == "base-to-new":
+        base, new = class_halves(len(train_set.classes))
+        base_ids, new_ids = [train_set.classes[i] for i in base], [train_set.classes[i] for i in new]
+        train_set = train_set.only(base_ids)
+        eval_parts = {"base": eval_set.only(base_ids), "new": eval_set.only(new_ids)}
+        for part, data in eval_parts.items():
+            if not len(data.labels):
+                raise ValueError(f"coop base-to-new: the evaluation set has no images of the {part} classes")
     names = [[n for lang in c.train_languages for n in train_set.names[k].get(lang, [])]
              for k in range(len(train_set.classes))]
     usable = torch.tensor([bool(n) for n in names])
@@ -125,9 +159,10 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
                     int((~usable).sum()), len(names), c.train_languages)
     keep_rows = usable[train_set.labels]
     train_feats = encode_images(model, train_set.images[keep_rows])
-    eval_feats = encode_images(model, eval_set.images)
+    eval_feats = {part: encode_images(model, data.images) for part, data in eval_parts.items()}
     print(f"coop: {len(train_set.classes)} classes, {int(keep_rows.sum())} training images "
-          f"(<= {c.shots} shots each); eval {len(eval_set.classes)} classes, {len(eval_set.labels)} images")
+          f"(<= {c.shots} shots each); eval " + ", ".join(
+              f"{part} {len(d.classes)} classes / {len(d.labels)} images" for part, d in eval_parts.items()))
 
     p = c.prompt
     model.prompt = PromptLearner(model.embedder, p.n_ctx, p.position, p.class_specific, train_set.classes,
@@ -148,16 +183,24 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
                     c, cfg.seed)
     last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
     model.eval()
-    after = accuracy_handwritten_vs_learned(eval_feats, eval_set, model, c.templates, languages,
-                                            class_index_of=class_index_of)
+    results = {part: accuracy_handwritten_vs_learned(eval_feats[part], data, model, c.templates, languages,
+                                                     class_index_of=class_index_of)
+               for part, data in eval_parts.items()}
+    after = results.get("all", results.get("base"))
     out = Path(cfg.output_dir)
     if is_main():
-        model.save(out / "coop.safetensors", {"stage": "coop"})
+        if save_model:
+            model.save(out / "coop.safetensors", {"stage": "coop"})
+        else:  # the protocol keeps the learned context alone (the rest is the init_from model)
+            save_tensors({f"prompt.{k}": v for k, v in model.prompt.learnable_state_dict().items()},
+                         out / "context.safetensors", model.prompt.describe())
         coop_report(after, out / "coop_results.md", out / "coop_accuracy.png")
     if module_fingerprint(model.embedder) != embedder_sum:
         raise RuntimeError("coop: the frozen embedder's weights changed during training")
     summary = {"stage": "coop", **last, "rows": after, "truncated_prompts": model.prompt.truncated_count,
-               "embedder_checksum": embedder_sum}
+               "embedder_checksum": embedder_sum, "classes": classes, "shots": c.shots, "seed": cfg.seed}
+    if "new" in results:
+        summary["rows_new"] = results["new"]
     print(coop_table(after))
     append_summary(cfg, summary)
     return summary
