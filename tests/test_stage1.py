@@ -23,11 +23,12 @@ def test_stage1_learns_and_reports(tiny_cfg, capsys):
 
 
 def test_stage1_resume_after_kill_gives_same_adapter(tmp_path, shared_cache):
-    common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={shared_cache}"]
+    common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={shared_cache}",
+              "--set=stage1.train.steps=40", "--set=stage1.train.checkpoint_every=10"]
     full = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'full'}"])
     assert full.returncode == 0, full.stderr[-2000:]
     killed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}"],
-                     env={"PROALIGN_KILL_AT_STEP": "70"})
+                     env={"PROALIGN_KILL_AT_STEP": "25"})
     assert killed.returncode == -9
     resumed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
