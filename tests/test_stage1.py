@@ -25,8 +25,9 @@ def test_stage1_learns_and_reports(tiny_cfg, capsys):
 def test_stage1_resume_after_kill_gives_same_adapter(tmp_path, shared_cache):
     common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={shared_cache}",
               "--set=stage1.train.steps=40", "--set=stage1.train.checkpoint_every=10"]
-    full = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-2000:]
+    from proalign.config import load_config  # the uninterrupted run in-process (the same seeding as the CLI)
+    run_stage1(load_config("configs/tiny-cpu.yaml", [a.split("=", 1)[1] for a in common if a.startswith("--set=")]
+                           + [f"output_dir={tmp_path / 'full'}"]), progress=False)
     killed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}"],
                      env={"PROALIGN_KILL_AT_STEP": "25"})
     assert killed.returncode == -9
