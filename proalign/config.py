@@ -160,6 +160,8 @@ class CoopConfig:
     train_adapter: bool = False
     # Classes scored per step: the batch's own plus random negatives up to this many (0 = all).
     classes_per_step: int = 0
+    # Use a random subset of this many training classes (the same for every seed; eval follows).
+    max_classes: Optional[int] = None
     # Hand-written templates per language; languages missing here use the built-in translations
     # of "a photo of a {}." (proalign/eval/templates.py).
     templates: dict = field(default_factory=dict)
@@ -315,6 +317,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.coop.batch_size > 0, "coop.batch_size", "must be > 0")
     need(cfg.coop.lr > 0, "coop.lr", "must be > 0")
     need(cfg.coop.log_every > 0, "coop.log_every", "must be > 0")
+    need(cfg.coop.max_classes is None or cfg.coop.max_classes > 1, "coop.max_classes", "must be > 1 (or null: all)")
     need(cfg.embedder.batch_size > 0, "embedder.batch_size", "must be > 0")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")

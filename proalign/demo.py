@@ -14,9 +14,11 @@ Re-running reuses the teacher, the embedding caches and the stage model files (d
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -75,8 +77,15 @@ REFERENCE_SECONDS = {
     "teacher CLIP": (120, ("teacher", 300)), "load embedder": (3, None), "embedding cache": (145, None),
     "decode eval images": (3, None), "text measure, before stage 1": (3, None),
     "stage 1": (38, ("stage1", 800)), "eval stage 1": (100, None), "stage 2": (90, ("stage2", 200)),
-    "eval stage 2": (6, None), "CoOp head": (66, None), "eval CoOp head": (69, None), "search example": (10, None),
+    "eval stage 2": (6, None), "CoOp head": (66, None), "eval CoOp head": (69, None), "CoOp protocol": (240, None),
+    "search example": (10, None),
 }
+# CoOp's protocol on the benchmark: one class per concept, shots = drawing styles (the training split
+# draws each concept in 4 styles), tested on the Twemoji drawings (a fifth style) of the same concepts.
+PROTOCOL_SHOTS = [1, 2, 4]
+PROTOCOL_SEEDS = [1, 2, 3]
+PROTOCOL_CLASSES = 200
+PROTOCOL_TEST = "styles-test-style"
 
 
 def planned_seconds(cfg: RunConfig, name: str, reused: bool = False) -> float:
@@ -179,7 +188,7 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     reused = {"teacher CLIP": teacher_path.exists() and not resume}
     reused.update({name: (out / filename).exists() and not resume for name, filename, *_ in stages})
     names = ["teacher CLIP", "load embedder", "embedding cache", "decode eval images", "text measure, before stage 1"]
-    names += [n for name, *_ in stages for n in (name, f"eval {name}")] + ["search example"]
+    names += [n for name, *_ in stages for n in (name, f"eval {name}")] + ["CoOp protocol", "search example"]
     timer = StepClock({n: planned_seconds(cfg, n, reused.get(n, False)) for n in names})
     total = time.time()
 
@@ -230,13 +239,38 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
             evaluation.run(label, prompt=prompt, with_clip_text=not evaluation.rows)
             if name == "stage 1":
                 text_measure({"after stage 1": adapter_fn})
+    with timer("CoOp protocol"):
+        protocol_lines = coop_protocol(cfg, out, progress)
     with timer("search example"):
         search_lines = search_example(cfg, out)
     timer.steps["total"] = time.time() - total
     peak_gb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024 ** 2
-    write_report(out, evaluation.rows, text_rows, timer.steps, peak_gb, search_lines)
+    write_report(out, evaluation.rows, text_rows, timer.steps, peak_gb, search_lines, protocol_lines)
     return out / "results.md"
+
+
+# ----------------------------------------------------------------------------- CoOp protocol
+
+def coop_protocol(cfg: RunConfig, out: Path, progress: bool = True) -> list[str]:
+    """`proalign coop --shots 1 2 4 --seeds 1 2 3` on the benchmark as a classification task (see
+    PROTOCOL_*); its table and plot go into results.md."""
+    from .stages.coop_protocol import run_protocol
+    test = [sh for sh in expand_shards(cfg.data.eval_shards) if dataset_name(sh) == PROTOCOL_TEST]
+    stage2 = out / "stage2.safetensors"
+    if not test or not stage2.exists():
+        return []
+    sub = copy.deepcopy(cfg)
+    sub.output_dir, sub.init_from = str(out / "coop-protocol"), str(stage2)
+    sub.coop.eval_shards, sub.coop.max_classes = test, PROTOCOL_CLASSES
+    run_protocol(sub, PROTOCOL_SHOTS, PROTOCOL_SEEDS, progress=progress)
+    report = (out / "coop-protocol" / "coop_protocol.md").read_text().split("\n", 1)[1]
+    shutil.copy(out / "coop-protocol" / "coop_protocol.png", out / "coop_protocol.png")
+    return [f"## CoOp protocol: {PROTOCOL_CLASSES} concepts as classes, shots = drawing styles, tested on Twemoji",
+            "", f"Zero-shot (hand-written prompt, shots 0) and CoOp heads trained on 1, 2 or 4 of each concept's "
+            f"training drawings (styles), tested on the same {PROTOCOL_CLASSES} concepts drawn by Twemoji (a style "
+            "never trained on), by language of the class names.",
+            *report.replace("coop_protocol.png", "coop_protocol.png").split("\n")]
 
 
 # ----------------------------------------------------------------------------- search example
@@ -376,7 +410,7 @@ SUMMARY_COLUMNS = ["model", "en t2i R@1", "non-en t2i R@1", "non-en t2i R@5", "n
 
 
 def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: dict, peak_gb: float,
-                 search_lines: Optional[list[str]] = None) -> None:
+                 search_lines: Optional[list[str]] = None, protocol_lines: Optional[list[str]] = None) -> None:
     write_rows(rows + text_rows, out / "demo_rows.jsonl")
     parts = ["# proalign demo results", "",
              f"Every number is ± 1 standard error; a claim holds when its gap exceeds {SIGMAS:.0f} standard errors "
@@ -397,6 +431,8 @@ def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: di
     if coop.exists():
         parts += ["## CoOp head (zero-shot classification of the held-out concepts by language of the class names)", "",
                   coop.read_text().split("\n", 2)[-1], "![CoOp accuracy](coop_accuracy.png)", ""]
+    if protocol_lines:
+        parts += protocol_lines
     if search_lines:
         parts += ["## Search: one concept named in several languages", "", *search_lines]
     parts += ["## Time per step (seconds)", "",

@@ -209,8 +209,10 @@ def test_coop_protocol_runs_every_shot_and_seed_then_skips_finished_runs(tiny_cf
     tiny_cfg.coop.epochs, tiny_cfg.coop.batch_size = 2, 4
     tiny_cfg.coop.eval_languages = ["en"]
     tiny_cfg.coop.train_data, tiny_cfg.coop.eval_data = _split(coop_split, "train"), _split(coop_split, "test")
+    tiny_cfg.coop.max_classes = 3  # a fixed random subset of the classes, the same for every seed
     results = run_protocol(tiny_cfg, shots=[1, 2], seeds=[1, 2], progress=False)
     assert sorted((r["shots"], r["seed"]) for r in results) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert {r["parts"]["all"][0]["classes"] for r in results} == {3}
     table = (tmp_path / "protocol" / "coop_protocol.md").read_text()
     assert "| 0 (hand-written prompt) |" in table and "| 2 |" in table and "±" in table
     assert (tmp_path / "protocol" / "coop_protocol.png").exists()

@@ -57,8 +57,11 @@ def _class_names(meta: dict) -> dict[str, list[str]]:
 
 
 def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, seed: int = 0,
-                  max_samples: Optional[int] = None) -> LabelledImages:
-    """All samples of `shards` (or `shots` per class, chosen with `seed`), grouped into classes."""
+                  max_samples: Optional[int] = None, max_classes: Optional[int] = None,
+                  only_classes: Optional[set] = None) -> LabelledImages:
+    """All samples of `shards` (or `shots` per class, chosen with `seed`), grouped into classes.
+    `max_classes`: a random subset of the classes (drawn with seed 0, so the same for every
+    `seed`); `only_classes`: these class ids alone. Both apply before any image is decoded."""
     skips: Counter = Counter()
     by_class: dict[str, list[dict]] = defaultdict(list)
     names: dict[str, dict[str, list[str]]] = {}
@@ -87,6 +90,12 @@ def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, see
         raise ValueError(f"no labelled samples with class names in {shards}")
     rng = random.Random(seed)
     classes = sorted(by_class)
+    if only_classes is not None:
+        classes = [c for c in classes if c in only_classes]
+    if max_classes and len(classes) > max_classes:
+        classes = sorted(random.Random(0).sample(classes, max_classes))
+    if not classes:
+        raise ValueError(f"no labelled samples of the wanted classes in {shards}")
     images, labels = [], []
     short = 0
     for index, label in enumerate(classes):
