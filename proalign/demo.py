@@ -270,7 +270,7 @@ def coop_protocol(cfg: RunConfig, out: Path, progress: bool = True) -> list[str]
             "", f"Zero-shot (hand-written prompt, shots 0) and CoOp heads trained on 1, 2 or 4 of each concept's "
             f"training drawings (styles), tested on the same {PROTOCOL_CLASSES} concepts drawn by Twemoji (a style "
             "never trained on), by language of the class names.",
-            *report.replace("coop_protocol.png", "coop_protocol.png").split("\n")]
+            *report.split("\n")]
 
 
 # ----------------------------------------------------------------------------- search example

@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .data.classification import IMAGE_SUFFIXES
 from .errors import ProalignError
 from .storage import save_tensors
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INDEX_NAME = ".proalign-index.safetensors"
 
 
@@ -105,7 +105,7 @@ def build_index(model, folder: str | Path, index_path: Optional[str | Path] = No
         tensors, names = [], []
         for rel in todo[start:start + batch_size]:
             try:
-                tensors.append(model._image_tensor(folder / rel))
+                tensors.append(model.image_tensor(folder / rel))
                 names.append(rel)
             except ProalignError as err:
                 skipped[rel] = str(err)

@@ -56,12 +56,22 @@ def _class_names(meta: dict) -> dict[str, list[str]]:
     return out
 
 
+def pick_classes(classes: list, max_classes: Optional[int] = None, only_classes: Optional[set] = None) -> list:
+    """`classes` limited to `only_classes`, then to a random `max_classes` of them (drawn with seed
+    0, so every few-shot seed sees the same classes), in their original order."""
+    if only_classes is not None:
+        classes = [c for c in classes if c in only_classes]
+    if max_classes and len(classes) > max_classes:
+        picked = set(random.Random(0).sample(classes, max_classes))
+        classes = [c for c in classes if c in picked]
+    return classes
+
+
 def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, seed: int = 0,
                   max_samples: Optional[int] = None, max_classes: Optional[int] = None,
                   only_classes: Optional[set] = None) -> LabelledImages:
     """All samples of `shards` (or `shots` per class, chosen with `seed`), grouped into classes.
-    `max_classes`: a random subset of the classes (drawn with seed 0, so the same for every
-    `seed`); `only_classes`: these class ids alone. Both apply before any image is decoded."""
+    `max_classes` / `only_classes`: see `pick_classes`; both apply before any image is decoded."""
     skips: Counter = Counter()
     by_class: dict[str, list[dict]] = defaultdict(list)
     names: dict[str, dict[str, list[str]]] = {}
@@ -89,11 +99,7 @@ def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, see
     if not by_class:
         raise ValueError(f"no labelled samples with class names in {shards}")
     rng = random.Random(seed)
-    classes = sorted(by_class)
-    if only_classes is not None:
-        classes = [c for c in classes if c in only_classes]
-    if max_classes and len(classes) > max_classes:
-        classes = sorted(random.Random(0).sample(classes, max_classes))
+    classes = pick_classes(sorted(by_class), max_classes, only_classes)
     if not classes:
         raise ValueError(f"no labelled samples of the wanted classes in {shards}")
     images, labels = [], []

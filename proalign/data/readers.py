@@ -297,16 +297,26 @@ def load_records(records: Sequence[Record], preprocess: Callable, max_samples: O
 
 
 def load_classification(fmt: str, path, preprocess: Callable, options=None, max_samples: Optional[int] = None,
-                        skips: Optional[Counter] = None, shots: Optional[int] = None, seed: int = 0):
-    """LabelledImages of a registered classification format (`shots` per class drawn with `seed`)."""
+                        skips: Optional[Counter] = None, shots: Optional[int] = None, seed: int = 0,
+                        max_classes: Optional[int] = None, only_classes: Optional[set] = None):
+    """LabelledImages of a registered classification format (`shots` per class drawn with `seed`;
+    `max_classes` / `only_classes` as in `classes.pick_classes`, applied before decoding)."""
+    from .classes import pick_classes
     from .classification import decode_classification, few_shot
     entry = FORMATS[fmt]
     if entry.task != "classification":
         raise ValueError(f"dataset format {fmt!r} is not a classification format")
     records = entry.read(path, **(vars(options) if options is not None else {}))
+    picked = pick_classes(records.classes, max_classes, only_classes)
+    if not picked:
+        raise DatasetFormatError(f"{records.source}: none of the wanted classes")
+    if picked != records.classes:
+        wanted = set(picked)
+        records = records.subset([item for item in records.items if records.classes[item[1]] in wanted])
     if shots:
         records = few_shot(records, shots, seed)
-    return decode_classification(records, preprocess, max_samples, skips)
+    data = decode_classification(records, preprocess, max_samples, skips)
+    return data if picked == records.classes else data.only(picked)
 
 
 from . import classification  # noqa: E402,F401  (registers imagefolder and coop-split)

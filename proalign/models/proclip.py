@@ -154,7 +154,8 @@ class ProCLIP(nn.Module):
         self._require_text_tower()
         return self.embedder.tokenize([texts] if isinstance(texts, str) else list(texts))
 
-    def _image_tensor(self, item) -> torch.Tensor:
+    def image_tensor(self, item) -> torch.Tensor:
+        """One image (path, PIL image or preprocessed tensor) as a preprocessed tensor."""
         from PIL import Image, UnidentifiedImageError
         if isinstance(item, torch.Tensor):
             return item
@@ -184,7 +185,7 @@ class ProCLIP(nn.Module):
             for start in _tqdm(batches, "images", show_progress_bar, "batch"):
                 chunk = items[start:start + batch_size]
                 batch = chunk if isinstance(chunk, torch.Tensor) else torch.stack(
-                    [self._image_tensor(item) for item in chunk])
+                    [self.image_tensor(item) for item in chunk])
                 outs.append(self.clip.encode_image(batch.to(self.device)).float())
             out = torch.cat(outs) if outs else torch.empty(0, clip_embed_dim(self.clip), device=self.device)
             if normalize:

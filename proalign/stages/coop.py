@@ -115,7 +115,8 @@ def coop_data(cfg: RunConfig, preprocess, shots: int, seed: int):
     def load(dataset, shards, shots_, max_samples, **classes):
         if dataset is not None:
             return load_classification(dataset.format, dataset.path, preprocess, dataset.options,
-                                       max_samples=max_samples or dataset.max_samples, shots=shots_, seed=seed)
+                                       max_samples=max_samples or dataset.max_samples, shots=shots_, seed=seed,
+                                       **classes)
         return read_labelled(shards, preprocess, shots_, seed, max_samples=max_samples, **classes)
     train = load(c.train_data, c.train_shards or cfg.data.train_shards, shots, None, max_classes=c.max_classes)
     wanted = {"only_classes": set(train.classes)} if c.max_classes else {}
@@ -141,10 +142,6 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
     engine.seed_everything(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
     train_set, eval_set = coop_data(cfg, model.preprocess_eval, c.shots, cfg.seed)
-    if c.max_classes and len(train_set.classes) > c.max_classes:  # fixed subset: seeds differ in shots only
-        import random
-        picked = sorted(random.Random(0).sample(train_set.classes, c.max_classes))
-        train_set, eval_set = train_set.only(picked), eval_set.only(picked)
     eval_parts = {"all": eval_set}
     if classes == "base-to-new":
         base, new = class_halves(len(train_set.classes))
