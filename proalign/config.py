@@ -79,6 +79,11 @@ class DataConfig:
     num_workers: int = 0
     max_eval_samples: Optional[int] = None
     cache_dir: Optional[str] = None
+    # Storage type of the cached LLM features (float16/bfloat16 halve the bytes of wide embedders;
+    # rows are read back as float32). The CLIP teacher's cache stays float32.
+    llm_cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Rows held in stage 1's shuffle buffer (cached captions, read one shard at a time).
+    shuffle_buffer: int = 10000
 
 
 @dataclass
@@ -321,6 +326,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.embedder.batch_size > 0, "embedder.batch_size", "must be > 0")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     for lang, template in cfg.coop.templates.items():
         need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
              "must be a string with exactly one {} for the class name")

@@ -10,6 +10,8 @@ import torch.nn as nn
 class EMATeacher(nn.Module):
     """theta_bar <- m * theta_bar + (1 - m) * theta after each optimizer step; m = 1 keeps it frozen."""
 
+    updated_outside_optimizer = True  # frozen to the optimizer, yet part of the training state
+
     def __init__(self, module: nn.Module, momentum: float = 0.999):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:

@@ -62,6 +62,37 @@ class StageTask(nn.Module, abc.ABC):
         """Held-out metrics, run on rank 0 every `train.eval_every` steps (none by default)."""
         return {}
 
+    def frozen_prefixes(self) -> list[str]:
+        """State-dict prefixes of the frozen submodules (all parameters without grad), except
+        those that change outside the optimizer and say so (`updated_outside_optimizer`: the EMA
+        teacher). A frozen embedder, or a CoOp head's frozen adapter, lands here."""
+        found: list[str] = []
+
+        def visit(module: nn.Module, prefix: str) -> None:
+            if getattr(module, "updated_outside_optimizer", False):
+                return
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                found.append(prefix)
+                return
+            for name, child in module.named_children():
+                visit(child, f"{prefix}{name}.")
+        for name, child in self.named_children():
+            visit(child, f"{name}.")
+        return found
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What checkpoints and replica checksums hold: the state dict without frozen submodules."""
+        frozen = tuple(self.frozen_prefixes())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected = set(self.training_state())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise KeyError(f"{self.name}: checkpoint does not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        self.load_state_dict(tensors, strict=False)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -227,6 +258,10 @@ def _setup(task: StageTask, cfg: RunConfig, run_dir: Path, device, use_ds: bool,
             config=_deepspeed_config(cfg.deepspeed, train_cfg, device))
         model = ds_engine
     elif world > 1:
+        # frozen submodules are neither broadcast nor synchronised (identical on every rank by construction)
+        frozen = tuple(task.frozen_prefixes())
+        ignored = [k for k in task.state_dict() if k.startswith(frozen)]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, ignored)
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
     return _Run(task, train_cfg, model, params, optimizer, scheduler, ds_engine, CheckpointManager(run_dir / task.name),
                 run_dir, rank == 0)
@@ -239,7 +274,7 @@ def _resume(run: _Run) -> None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", run.ckpt.root)
         return
     tensors, state = run.ckpt.load(latest, None if run.ds_engine is not None else run.optimizer)
-    run.task.load_state_dict(tensors, strict=True)
+    run.task.load_training_state(tensors)
     if run.ds_engine is not None:
         load_deepspeed_checkpoint(run.ds_engine, latest / "deepspeed")
     else:
@@ -326,7 +361,8 @@ def _evaluate(run: _Run, metrics_log: JsonlLogger, done: int) -> None:
 
 
 def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, scheduler, ds_engine, is_main: bool):
-    bad = [name for name, t in task.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    tensors = task.training_state()
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteLossError(f"{task.name} step {step}: non-finite weights ({', '.join(bad[:5])}); the "
                                  f"checkpoint is not written, the last good one stays in {ckpt.root}")
@@ -338,7 +374,7 @@ def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, schedu
         if dist.is_initialized():
             dist.barrier()
     if is_main:
-        path = ckpt.save(step, task.state_dict(), None if ds_engine is not None else optimizer, state)
+        path = ckpt.save(step, tensors, None if ds_engine is not None else optimizer, state)
         if ds_engine is not None:
             os.replace(ckpt.root / f"step-{step:07d}-ds", path / "deepspeed")
     if dist.is_initialized():

@@ -59,42 +59,60 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gathered_distillation(student, teacher, reduction: str, rank: int, world: int):
-    """This rank's share of the distillation loss on the global batch, scaled so that the mean over
-    ranks (what DDP/DeepSpeed gradient averaging optimises) is the single-process loss on the
-    global batch, for both terms and both reductions. The structure term covers every global pair
-    once over all ranks: this rank's rows against all rows (each unordered pair is seen twice
-    across ranks, hence the half), never a (global x global) matrix."""
+def _gathered_instance(student, teacher, reduction: str, world: int) -> torch.Tensor:
+    """This rank's share of the instance loss on the global batch (equal batches per rank): the
+    mean over ranks is the single-process loss, for both reductions."""
+    local = instance_loss(student, teacher, "sum")
+    return local * world if reduction == "sum" else local / student.shape[0]
+
+
+def _gathered_structure(student, teacher, reduction: str, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of the structure loss on the global batch, scaled so that the mean over
+    ranks (what DDP/DeepSpeed gradient averaging optimises) is the single-process loss. Every
+    global pair is covered once over all ranks: this rank's rows against all rows (each unordered
+    pair is seen twice across ranks, hence the half), never a (global x global) matrix."""
     n = student.shape[0]
     with torch.autocast(student.device.type, enabled=False):
         s = F.normalize(student.double(), dim=-1)
         t = F.normalize(teacher.double(), dim=-1)
         s_all, t_all = gather_features(s), gather_features(t.detach())
         total = s_all.shape[0]
-        per_row = (s - t).pow(2).sum(-1)
-        ins = per_row.sum() * world if reduction == "sum" else per_row.sum() * world / total
         others = torch.ones(n, total, dtype=torch.bool, device=s.device)
         others[torch.arange(n), torch.arange(n) + rank * n] = False
         per_pair = F.smooth_l1_loss(_distances(s, s_all)[others], _distances(t, t_all)[others], reduction="none")
         struct = 0.5 * per_pair.sum() * world
         if reduction == "mean":
             struct = struct / max(1, total * (total - 1) // 2)
-        return ins.to(student.dtype), struct.to(student.dtype)
+        return struct.to(student.dtype)
+
+
+def instance_term(student, teacher, reduction: str = "sum", gather: bool = False) -> torch.Tensor:
+    """`instance_loss`, or under data parallelism with `gather` this rank's share of it on the global batch."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    rank, world = _world()
+    if gather and world > 1:
+        return _gathered_instance(student, teacher, reduction, world)
+    return instance_loss(student, teacher, reduction)
+
+
+def structure_term(student, teacher, reduction: str = "sum", gather: bool = False) -> torch.Tensor:
+    """`structure_loss`, or under data parallelism with `gather` this rank's share of it on the global batch."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    rank, world = _world()
+    if gather and world > 1:
+        return _gathered_structure(student, teacher, reduction, rank, world)
+    return structure_loss(student, teacher, reduction)
 
 
 def distillation_loss(student, teacher, w_instance=1.0, w_structure=1.0, reduction="sum", gather: bool = False):
     """w_ins * L_ins + w_struct * L_struct, both reduced by `reduction`; returns (total, parts).
 
     With `gather` under data parallelism, both terms are this rank's share of the loss on the
-    global batch (see `_gathered_distillation`), so the result does not depend on the world size."""
-    rank, world = _world()
-    if gather and world > 1:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        ins, struct = _gathered_distillation(student, teacher, reduction, rank, world)
-    else:
-        ins = instance_loss(student, teacher, reduction)
-        struct = structure_loss(student, teacher, reduction)
+    global batch, so the result does not depend on the world size."""
+    ins = instance_term(student, teacher, reduction, gather)
+    struct = structure_term(student, teacher, reduction, gather)
     return w_instance * ins + w_structure * struct, {"loss_instance": ins.detach(), "loss_structure": struct.detach()}
 
 
@@ -179,20 +197,20 @@ class LossTerm(nn.Module):
 
 @register_loss("instance")
 class InstanceTerm(LossTerm):
-    """Stage 1: each student embedding against its teacher embedding."""
+    """Stage 1: each student embedding against its teacher embedding (global batch)."""
     needs = ("student", "teacher")
 
     def forward(self, f: dict) -> dict:
-        return {self.term: instance_loss(f["student"], f["teacher"], self.reduction)}
+        return {self.term: instance_term(f["student"], f["teacher"], self.reduction, gather=True)}
 
 
 @register_loss("structure")
 class StructureTerm(LossTerm):
-    """Stage 1: the in-batch distances of the student against the teacher's."""
+    """Stage 1: the in-batch distances of the student against the teacher's (global batch)."""
     needs = ("student", "teacher")
 
     def forward(self, f: dict) -> dict:
-        return {self.term: structure_loss(f["student"], f["teacher"], self.reduction)}
+        return {self.term: structure_term(f["student"], f["teacher"], self.reduction, gather=True)}
 
 
 @register_loss("contrastive")

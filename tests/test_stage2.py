@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from proalign.ema import EMATeacher
-from proalign.losses import infonce_loss, self_distillation_loss
+from proalign.losses import Objective, infonce_loss, self_distillation_loss
 
 from conftest import ROOT
 
@@ -60,6 +60,11 @@ def _dist_worker(rank, world, port, out_dir):
         (sd / world).backward()
         out.update({f"sd_{reduction}": sd.detach(), f"sd_grad_{reduction}": feats.grad,
                     **{f"{k}_{reduction}": v for k, v in parts.items()}})
+        # stage 1's objective on this rank's part of the stream's global batch
+        student = image[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        s1, _ = Objective({"instance": 1.0, "structure": 0.5}, reduction)({"student": student, "teacher": ema})
+        (s1 / world).backward()
+        out.update({f"s1_{reduction}": s1.detach(), f"s1_grad_{reduction}": student.grad})
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -89,6 +94,14 @@ def test_gathered_infonce_equals_single_process(tmp_path):
             mean = torch.stack([p[f"{term}_{reduction}"] for p in parts]).mean().item()
             assert mean == pytest.approx(ref_parts[term].item(), rel=1e-5), (reduction, term)
         assert torch.allclose(torch.cat([p[f"sd_grad_{reduction}"] for p in parts]), feats.grad, atol=1e-6)
+        # stage 1's instance + structure terms: each rank streams its own rows, the loss and the
+        # gradient are those of the global batch
+        student = image.detach().clone().requires_grad_(True)
+        ref_s1, _ = Objective({"instance": 1.0, "structure": 0.5}, reduction)({"student": student, "teacher": ema})
+        ref_s1.backward()
+        mean = torch.stack([p[f"s1_{reduction}"] for p in parts]).mean().item()
+        assert mean == pytest.approx(ref_s1.item(), rel=1e-5), reduction
+        assert torch.allclose(torch.cat([p[f"s1_grad_{reduction}"] for p in parts]), student.grad, atol=1e-6)
 
 
 def _launch_env(tmp_path):
@@ -148,14 +161,26 @@ def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, shared_cac
         assert torch.equal(wa[key], wb[key]), key
 
 
-def test_torchrun_two_ranks_plain_torch(tmp_path, shared_cache):
+def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(tmp_path, shared_cache):
+    """Both ranks encode a disjoint share of the shards (byte-identical to the one-process cache),
+    then train with DDP to identical replicas; the frozen embedder is in no checkpoint."""
+    from safetensors.torch import load_file
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = tmp_path / "ddp"
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29631", "stages/stage2_align.py",
-           "--config", "configs/tiny-cpu.yaml", "--no-progress", "--set", f"output_dir={out}",
-           "--set", f"data.cache_dir={shared_cache}", "--set", "stage2.train.steps=4",
-           "--set", "stage2.train.batch_size=8", "--set", "data.eval_shards=[]"]
+           "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+           "--set", f"data.cache_dir={cache}", "--set", "stage2.train.steps=4", "--set", "stage2.train.checkpoint_every=4",
+           "--set", "stage2.train.batch_size=8", "--set", "data.max_eval_samples=20"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sums = [(out / "replicas" / f"stage2-rank{r}.txt").read_text() for r in range(2)]
     assert sums[0] == sums[1]
+    assert "cache llm [rank 0/2]" in proc.stderr and "cache llm [rank 1/2]" in proc.stderr
+    (llm_dir,) = cache.glob("llm-*")
+    written = sorted(p.name for p in llm_dir.glob("*.safetensors"))
+    assert written == ["emoji-test-000.safetensors", "emoji-train-000.safetensors"]
+    for name in written:
+        assert (llm_dir / name).read_bytes() == (shared_cache / llm_dir.name / name).read_bytes(), name
+    state = load_file(str(out / "stage2" / "checkpoints" / "step-0000004" / "model.safetensors"))
+    assert not [k for k in state if "embedder" in k]
+    assert {k.split(".")[0] for k in state} == {"visual", "adapter", "ema", "logit_scale"}

@@ -53,7 +53,7 @@ def test_stage2_forward_is_infonce_plus_lambda_sd_times_self_distillation(tiny_c
     torch.manual_seed(0)
     model = ProCLIP.from_config(tiny_cfg)
     tiny_cfg.stage2.lambda_sd, tiny_cfg.stage2.reduction = lambda_sd, reduction
-    task = Stage2Task(model, tiny_cfg.stage2, tiny_cfg.data, tiny_cfg.seed, text_features=None)
+    task = Stage2Task(model, tiny_cfg.stage2, tiny_cfg.data, tiny_cfg.seed, shard_features=None)
     # make the EMA copy differ from the student, so the self-distillation term is not zero
     with torch.no_grad():
         for p in task.ema.parameters():

@@ -15,14 +15,15 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from safetensors import safe_open
+from torch.utils.data import IterableDataset
 
 from ..errors import ProalignError
 from ..storage import save_tensors
-from .shards import expand_shards, read_captions
+from .shards import epoch_shards, expand_shards, read_captions, reader_partition
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "2"
@@ -46,10 +47,21 @@ class StaleCacheError(ProalignError, RuntimeError):
     pass
 
 
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# metadata keys every sidecar has; any other key is an extra summed by `load` (the teacher's truncations)
+_BASE_KEYS = ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips", "languages",
+              "ids", "dtype")
+
+
 class EmbeddingCache:
-    def __init__(self, root: str | Path, kind: str, fingerprint: str):
+    """The sidecars of one encoder. `dtype` is the storage type of the rows (float16/bfloat16 halve
+    the bytes of wide LLM features); rows are read back as float32."""
+
+    def __init__(self, root: str | Path, kind: str, fingerprint: str, dtype: str = "float32"):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"cache dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
         self.dir = Path(root) / f"{kind}-{fingerprint}"
-        self.kind, self.fingerprint = kind, fingerprint
+        self.kind, self.fingerprint, self.dtype = kind, fingerprint, dtype
 
     def sidecar(self, url: str) -> Path:
         name = Path(url).name
@@ -65,6 +77,8 @@ class EmbeddingCache:
             meta = f.metadata() or {}
         if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != self.fingerprint:
             return "written by another encoder version"
+        if meta.get("dtype", "float32") != self.dtype:
+            return f"stored as {meta.get('dtype', 'float32')}, not {self.dtype}"
         if meta.get("shard_size") != str(Path(url).stat().st_size) or meta.get("shard_sha256") != shard_digest(url):
             return "its shard changed since it was cached"
         cached = json.loads(meta.get("languages", "null"))
@@ -74,19 +88,19 @@ class EmbeddingCache:
 
     def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
               extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True,
-              memo_bytes: int = 256 * 2**20) -> dict:
-        """Encode every caption of every shard not yet cached. Returns counts.
+              rank: int = 0, world: int = 1) -> dict:
+        """Encode every caption of this rank's shards not yet cached. Returns counts.
 
-        A text repeated within or across the shards of this call (a concept drawn in several
-        styles, the same names in two test splits) is encoded once: the embeddings of texts already
-        seen are kept, up to `memo_bytes`, and reused."""
+        Rank r of W takes every W-th shard of the sorted shard list, so the ranks' parts are
+        disjoint and every sidecar depends on its own shard alone: the files are byte-identical
+        to a one-process build. A text repeated within a shard is encoded once."""
         from tqdm.auto import tqdm
         self.dir.mkdir(parents=True, exist_ok=True)
         stats: Counter = Counter()
-        urls = expand_shards(shards)
-        memo: dict[str, torch.Tensor] = {}
-        memo_used = 0
-        for url in tqdm(urls, desc=f"cache {self.kind}", disable=not progress, unit="shard"):
+        urls = sorted(expand_shards(shards))[rank::world]
+        where = f" [rank {rank}/{world}]" if world > 1 else ""
+        bar = tqdm(urls, desc=f"cache {self.kind}{where}", disable=not progress, unit="shard")
+        for url in bar:
             reason = self._check(url, languages)
             if reason is None:
                 stats["shards_reused"] += 1
@@ -98,61 +112,155 @@ class EmbeddingCache:
             stats.update(skips)
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
-            fresh = list(dict.fromkeys(t for t in texts if t not in memo))
-            if fresh:
-                known = dict(zip(fresh, encode(fresh).float()))
-                stats["texts_encoded"] += len(fresh)
-            else:
-                known = {}
-            for text, row in known.items():
-                if memo_used + row.numel() * 4 <= memo_bytes:
-                    memo[text] = row
-                    memo_used += row.numel() * 4
-            emb = torch.stack([known[t] if t in known else memo[t] for t in texts]) if texts else torch.empty(0, 0)
+            unique = list(dict.fromkeys(texts))
+            rows = dict(zip(unique, encode(unique))) if unique else {}
+            stats["texts_encoded"] += len(unique)
+            emb = torch.stack([rows[t] for t in texts]) if texts else torch.empty(0, 0)
             samples = len({cid.rsplit("|", 2)[0] for cid in ids})
             if skips:
                 log.info("%s: %d samples with captions; skipped %s", url, samples, dict(skips))
             meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": Path(url).name,
                     "shard_size": str(Path(url).stat().st_size), "shard_sha256": shard_digest(url),
-                    "samples": str(samples), "skips": json.dumps(dict(skips)),
+                    "samples": str(samples), "skips": json.dumps(dict(skips)), "dtype": self.dtype,
                     "languages": json.dumps(sorted(languages) if languages else None),
                     "ids": json.dumps(ids, ensure_ascii=False)}
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
-            save_tensors({"embeddings": emb.float()}, self.sidecar(url), meta)
+            save_tensors({"embeddings": emb.float().to(STORAGE_DTYPES[self.dtype])}, self.sidecar(url), meta)
             stats["shards_encoded"] += 1
             stats["captions_encoded"] += len(ids)
+            bar.set_postfix(captions=stats["captions_encoded"])
         return dict(stats)
 
-    def load(self, shards, languages: Optional[Sequence[str]] = None) -> tuple[list[str], torch.Tensor, dict]:
-        """(caption ids, embeddings, extras) for the given shards: the extra metadata summed over
-        shards, plus `shard_samples` (samples each shard gave) and `skips` (summed skip counts)."""
-        ids: list[str] = []
-        mats, extras, skips, shard_samples = [], Counter(), Counter(), {}
-        for url in expand_shards(shards):
+    def verify(self, shards, languages: Optional[Sequence[str]] = None) -> None:
+        """Raise StaleCacheError naming the first shards whose sidecar is missing or stale."""
+        bad = [(url, reason) for url in expand_shards(shards) if (reason := self._check(url, languages))]
+        if bad:
+            listed = "; ".join(f"{url}: {reason}" for url, reason in bad[:3])
+            raise StaleCacheError(f"embedding cache ({self.dir}) is not current for {len(bad)} shard(s) ({listed}"
+                                  f"{'; ...' if len(bad) > 3 else ''}): run `proalign cache`")
+
+    def shard_rows(self, url: str, languages: Optional[Sequence[str]] = None,
+                   checked: bool = False) -> tuple[list[str], torch.Tensor, dict]:
+        """(caption ids, float32 rows, metadata) of one shard's sidecar, only `languages` (None: all)."""
+        if not checked:
             reason = self._check(url, languages)
             if reason is not None:
                 raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache` "
                                       f"(cache dir {self.dir})")
-            with safe_open(str(self.sidecar(url)), framework="pt") as f:
-                meta = f.metadata()
-                emb = f.get_tensor("embeddings")
-            shard_ids = json.loads(meta["ids"])
-            shard_samples[meta["shard"]] = int(meta["samples"])
-            skips.update(json.loads(meta["skips"]))
-            for key, value in meta.items():
-                if key not in ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips",
-                               "languages", "ids"):
-                    extras[key] += json.loads(value)
-            if languages:
-                keep = [i for i, cid in enumerate(shard_ids) if cid.split("|")[-2] in languages]
-                shard_ids = [shard_ids[i] for i in keep]
-                emb = emb[keep] if len(keep) else emb[:0]
+        with safe_open(str(self.sidecar(url)), framework="pt") as f:
+            meta = f.metadata()
+            emb = f.get_tensor("embeddings").float()
+        ids = json.loads(meta["ids"])
+        if languages:
+            keep = [i for i, cid in enumerate(ids) if cid.split("|")[-2] in languages]
+            ids = [ids[i] for i in keep]
+            emb = emb[keep] if len(keep) else emb[:0]
+        return ids, emb, meta
+
+    def rows_by_id(self, url: str, languages: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """{caption id: row} of one shard (streams read training features this way, shard by shard)."""
+        ids, emb, _ = self.shard_rows(url, languages, checked=True)
+        return dict(zip(ids, emb))
+
+    def load(self, shards, languages: Optional[Sequence[str]] = None) -> tuple[list[str], torch.Tensor, dict]:
+        """(caption ids, embeddings, extras) of the given shards, all in memory: for bounded sets
+        (evaluation); training streams them shard by shard. Extras: the extra metadata summed over
+        shards, plus `shard_samples` (samples each shard gave) and `skips` (summed skip counts)."""
+        ids: list[str] = []
+        mats, tally = [], _Tally()
+        for url in expand_shards(shards):
+            shard_ids, emb, meta = self.shard_rows(url, languages)
+            tally.add(meta)
             if len(shard_ids):
                 ids.extend(shard_ids)
                 mats.append(emb)
         matrix = torch.cat(mats) if mats else torch.empty(0)
-        return ids, matrix, {**extras, "shard_samples": shard_samples, "skips": dict(skips)}
+        return ids, matrix, tally.result()
+
+    def summary(self, shards, languages: Optional[Sequence[str]] = None) -> dict:
+        """`load`'s extras from the sidecars' metadata alone (no rows), plus `captions`."""
+        tally, captions = _Tally(), 0
+        for url in expand_shards(shards):
+            reason = self._check(url, languages)
+            if reason is not None:
+                raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache`")
+            with safe_open(str(self.sidecar(url)), framework="pt") as f:
+                meta = f.metadata()
+            ids = json.loads(meta["ids"])
+            captions += sum(cid.split("|")[-2] in languages for cid in ids) if languages else len(ids)
+            tally.add(meta)
+        return {**tally.result(), "captions": captions}
+
+
+class _Tally:
+    """Per-shard metadata summed over shards: extra counts, skips, samples per shard."""
+
+    def __init__(self):
+        self.extras, self.skips, self.shard_samples = Counter(), Counter(), {}
+
+    def add(self, meta: dict) -> None:
+        self.shard_samples[meta["shard"]] = int(meta["samples"])
+        self.skips.update(json.loads(meta["skips"]))
+        for key, value in meta.items():
+            if key not in _BASE_KEYS:
+                self.extras[key] += json.loads(value)
+
+    def result(self) -> dict:
+        return {**self.extras, "shard_samples": self.shard_samples, "skips": dict(self.skips)}
+
+
+class PairedFeatureStream(IterableDataset):
+    """Endless, epoch-wise shuffled stream of {"llm": row, "teacher": row} over cached captions,
+    read one shard's sidecars at a time (stage 1): never every caption in memory.
+
+    Same partition as the image-text stream (`epoch_shards`): shards shuffled per epoch, split
+    across ranks and DataLoader workers (or rows round-robin when there are fewer shards than
+    readers), rows shuffled within their shard and through a buffer of `shuffle_buffer` rows."""
+
+    def __init__(self, shards, llm: "EmbeddingCache", teacher: "EmbeddingCache", languages: Sequence[str],
+                 seed: int = 0, shuffle_buffer: int = 10_000):
+        super().__init__()
+        self.urls = expand_shards(shards)
+        self.llm, self.teacher, self.languages = llm, teacher, list(languages)
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        for cache in (llm, teacher):
+            cache.verify(self.urls, self.languages)
+
+    def _shard(self, url: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_l, llm, _ = self.llm.shard_rows(url, self.languages, checked=True)
+        ids_t, teacher, _ = self.teacher.shard_rows(url, self.languages, checked=True)
+        if ids_l != ids_t:
+            raise StaleCacheError(f"{url}: the LLM and CLIP caches disagree on caption ids; rebuild them with "
+                                  f"`proalign cache`")
+        return llm, teacher
+
+    def _epoch(self, epoch: int) -> Iterator[dict]:
+        index, count = reader_partition()
+        mine, by_shard, rng = epoch_shards(self.urls, self.seed, epoch, index, count)
+        buffer: list[dict] = []
+        for url in mine:
+            llm, teacher = self._shard(url)
+            rows = list(range(len(llm))) if by_shard else list(range(index, len(llm), count))
+            rng.shuffle(rows)
+            for row in rows:
+                buffer.append({"llm": llm[row], "teacher": teacher[row]})
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            empty = True
+            for item in self._epoch(epoch):
+                empty = False
+                yield item
+            if empty:
+                raise StaleCacheError(f"no cached caption in {len(self.urls)} shard(s) "
+                                      f"({', '.join(self.urls[:3])}) for languages {self.languages}")
+            epoch += 1
 
 
 class CachedTextFeatures:

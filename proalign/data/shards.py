@@ -13,7 +13,7 @@ import logging
 import os
 import random
 from collections import Counter
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -170,6 +170,28 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def reader_partition() -> tuple[int, int]:
+    """(this reader's index, reader count): rank r of W and DataLoader worker k of K."""
+    rank, world = _dist_info()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+def epoch_shards(urls: Sequence[str], seed: int, epoch: int, index: int, count: int):
+    """(this reader's shards in epoch order, whether they are split by shard, the reader's RNG).
+
+    Epoch e shuffles the shards with seed (seed, e). With at least as many shards as readers each
+    reader takes every count-th shard; otherwise every reader reads all shards and keeps every
+    count-th sample (the caller's job), so the readers' parts stay disjoint either way."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    urls = list(urls)
+    rng.shuffle(urls)
+    by_shard = len(urls) >= count
+    mine = urls[index::count] if by_shard else urls
+    return mine, by_shard, random.Random(rng.random() + index)
+
+
 class ImageTextStream(IterableDataset):
     """Endless, epoch-wise deterministic stream of (image, caption_id, caption) for training.
 
@@ -177,11 +199,16 @@ class ImageTextStream(IterableDataset):
     disjoint parts. Resuming replays the same order and skips `start_sample` samples (documented
     deterministic resampling rather than stored reader offsets). Skipped samples are yielded as
     `{"skip": reason}` so the trainer in the main process can count them.
+
+    `shard_features(url)` (optional) gives a shard's cached text features as {caption_id: row}; each
+    item then carries the row of its caption as `features`, read one shard at a time.
     """
 
     def __init__(self, shards, preprocess: Callable, languages: Sequence[str] = ("en",), seed: int = 0,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000,
+                 shard_features: Optional[Callable[[str], Mapping[str, torch.Tensor]]] = None):
         super().__init__()
+        self.shard_features = shard_features
         self.urls = expand_shards(shards)
         self.preprocess = preprocess
         self.languages = list(languages)
@@ -190,27 +217,23 @@ class ImageTextStream(IterableDataset):
         self.start_epoch = 0
 
     def _partition(self) -> tuple[int, int]:
-        rank, world = _dist_info()
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return rank * workers + worker, world * workers
+        return reader_partition()
 
     def _epoch(self, epoch: int) -> Iterator[dict]:
         index, count = self._partition()
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        urls = list(self.urls)
-        rng.shuffle(urls)
-        by_shard = len(urls) >= count
-        mine = urls[index::count] if by_shard else urls
-        sample_rng = random.Random(rng.random() + index)
+        mine, by_shard, sample_rng = epoch_shards(self.urls, self.seed, epoch, index, count)
         buffer: list[dict] = []
         position = 0
         skips: Counter = Counter()
         for url in mine:
+            # this shard's cached text features, shared by its samples while they wait in the buffer
+            features = self.shard_features(url) if self.shard_features else None
             for sample in iter_raw_samples(url, skips):
                 position += 1
                 if not by_shard and (position - 1) % count != index:
                     continue
+                if features is not None:
+                    sample["__features__"] = features
                 buffer.append(sample)
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(sample_rng.randrange(len(buffer)))
@@ -243,7 +266,14 @@ class ImageTextStream(IterableDataset):
             return {"skip": "bad_image"}
         finally:
             torch.default_generator.set_state(saved)
-        return {"image": image, "caption_id": caption_id, "text": text, "key": sample["__key__"]}
+        item = {"image": image, "caption_id": caption_id, "text": text}
+        if "__features__" in sample:
+            row = sample["__features__"].get(caption_id)
+            if row is None:
+                raise KeyError(f"caption {caption_id} has no row in its shard's embedding cache; rebuild it with "
+                               f"`proalign cache`")
+            item["features"] = row
+        return item
 
     def __iter__(self):
         epoch = self.start_epoch
@@ -268,11 +298,17 @@ class ImageTextStream(IterableDataset):
             epoch += 1
 
 
+def collate(items: list[dict]) -> dict:
+    """Tensors stacked, everything else listed, field by field."""
+    return {key: torch.stack([i[key] for i in items]) if isinstance(items[0][key], torch.Tensor)
+            else [i[key] for i in items] for key in items[0]}
+
+
 class _BatchedStream(IterableDataset):
     """Collates inside each worker (one IPC transfer per batch, not per sample); every batch
-    carries the skip counts met while filling it."""
+    carries the skip counts met while filling it. Items are dicts, or `{"skip": reason}`."""
 
-    def __init__(self, stream: ImageTextStream, batch_size: int):
+    def __init__(self, stream: IterableDataset, batch_size: int):
         super().__init__()
         self.stream, self.batch_size = stream, batch_size
 
@@ -284,9 +320,7 @@ class _BatchedStream(IterableDataset):
                 continue
             items.append(item)
             if len(items) == self.batch_size:
-                yield {"image": torch.stack([i["image"] for i in items]),
-                       "caption_id": [i["caption_id"] for i in items],
-                       "text": [i["text"] for i in items], "skips": dict(skips)}
+                yield {**collate(items), "skips": dict(skips)}
                 items, skips = [], Counter()
 
 
@@ -297,7 +331,7 @@ class Batcher:
     DataLoader takes worker batches round-robin), so a resume replays it and drops the
     `start_sample // batch_size` batches already trained on."""
 
-    def __init__(self, stream: ImageTextStream, batch_size: int, num_workers: int = 0, start_sample: int = 0):
+    def __init__(self, stream: IterableDataset, batch_size: int, num_workers: int = 0, start_sample: int = 0):
         from torch.utils.data import DataLoader
         self.batch_size = batch_size
         self.skips: Counter = Counter()

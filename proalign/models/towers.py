@@ -77,8 +77,13 @@ def count_truncated(tokenizer, texts: Sequence[str], ctx_len: int) -> int:
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """Content hash of a module's weights (identifies a CLIP teacher for the embedding cache)."""
+    return state_fingerprint(module.state_dict())
+
+
+def state_fingerprint(state: dict) -> str:
+    """Content hash of named tensors."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -2,6 +2,7 @@
 teacher, into one sidecar file per shard under `data.cache_dir` (default `<output_dir>/cache`)."""
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -9,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import RunConfig
-from ..data.cache import CachedTextFeatures, EmbeddingCache
+from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length, count_truncated, encode_clip_text, module_fingerprint
 
@@ -19,7 +20,7 @@ def cache_root(cfg: RunConfig) -> Path:
 
 
 def llm_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
-    return EmbeddingCache(cache_root(cfg), "llm", model.embedder.fingerprint())
+    return EmbeddingCache(cache_root(cfg), "llm", model.embedder.fingerprint(), cfg.data.llm_cache_dtype)
 
 
 def teacher_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
@@ -43,37 +44,107 @@ def cache_languages(cfg: RunConfig) -> list[tuple[list[str], Optional[list[str]]
 
 
 def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress: bool = True) -> dict:
-    """Encode the captions once with the LLM embedder and (optionally) the CLIP text teacher."""
+    """Encode the captions once with the LLM embedder and (optionally) the CLIP text teacher.
+
+    Under torchrun/DeepSpeed every rank encodes its own disjoint share of the shards (`rank::world`
+    of the sorted list), then all ranks wait for each other; the returned counts are totals over
+    ranks (`per_rank` keeps this rank's own)."""
+    from ..engine import resolve_device
+    rank, world = _rank_world()
     bs = cfg.embedder.batch_size
     stats: dict = {"llm": Counter(), "clip": Counter()}
     ctx, tok = context_length(model.clip), model.clip_tokenizer
+    device = resolve_device(cfg.device)
     model.clip.eval()
-    for shards, languages in cache_languages(cfg):
-        stats["llm"].update(llm_cache(cfg, model).build(
-            shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
-            progress=progress))
-        if teacher:
-            stats["clip"].update(teacher_cache(cfg, model).build(
-                shards, lambda texts: encode_clip_text(model.clip, tok, texts), languages,
-                extra=lambda texts: {"truncated": count_truncated(tok, texts, ctx)}, progress=progress))
+    with _on_device([model.embedder, model.clip], device):
+        for shards, languages in cache_languages(cfg):
+            stats["llm"].update(llm_cache(cfg, model).build(
+                shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
+                progress=progress, rank=rank, world=world))
+            if teacher:
+                stats["clip"].update(teacher_cache(cfg, model).build(
+                    shards, lambda texts: encode_clip_text(model.clip, tok, texts, device=device), languages,
+                    extra=lambda texts: {"truncated": count_truncated(tok, texts, ctx)}, progress=progress,
+                    rank=rank, world=world))
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # every rank's sidecars are written before anyone reads them
     stats = {k: dict(v) for k, v in stats.items() if v}
     stats["embedder_truncated"] = model.embedder.truncated_count
+    if world > 1:
+        stats = {**_sum_over_ranks(stats), "per_rank": stats, "ranks": world}
     return stats
 
 
-def paired_features(cfg: RunConfig, model: ProCLIP, shards, languages) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(LLM rows, teacher rows, extras) of the same captions, in the same order."""
-    ids_l, llm, _ = llm_cache(cfg, model).load(shards, languages)
-    ids_t, clip, extra = teacher_cache(cfg, model).load(shards, languages)
-    if ids_l != ids_t:
-        raise RuntimeError("LLM and CLIP caches disagree on caption ids; rebuild with `proalign cache`")
-    return llm, clip, extra
+@contextlib.contextmanager
+def _on_device(modules, device: torch.device):
+    """The encoders run on the run's device while caching, then go back where they were (a frozen
+    8B embedder does not stay on the GPU for the training that follows)."""
+    homes = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(stats: dict) -> dict:
+    """Every count summed over the ranks (after the last rank has written its sidecars)."""
+    import torch.distributed as dist
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, stats)
+    total: dict = {}
+    for part in gathered:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                bucket = total.setdefault(key, Counter())
+                bucket.update(value)
+            else:
+                total[key] = total.get(key, 0) + value
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in total.items()}
+
+
+def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
+    """`proalign cache`: join the process group when launched by torchrun/DeepSpeed, build this
+    rank's share of the caches, report the totals on rank 0."""
+    from .. import engine
+    engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
+    torch.manual_seed(cfg.seed)
+    model = ProCLIP.from_config(cfg)
+    stats = build_caches(cfg, model, progress=progress)
+    rank, world = _rank_world()
+    if rank == 0:
+        print(f"cache: {stats}")
+    return stats
+
+
+def paired_stream(cfg: RunConfig, model: ProCLIP, shards, languages, seed: int) -> PairedFeatureStream:
+    """The cached (LLM, teacher) rows of the same captions, streamed shard by shard."""
+    return PairedFeatureStream(shards, llm_cache(cfg, model), teacher_cache(cfg, model), languages, seed,
+                               cfg.data.shuffle_buffer)
+
+
+def shard_text_features(cfg: RunConfig, model: ProCLIP, shards, languages):
+    """url -> {caption id: cached LLM row} for the image-text stream (stage 2), after checking that
+    every shard's sidecar is current."""
+    cache = llm_cache(cfg, model)
+    cache.verify(shards, languages)
+    return lambda url: cache.rows_by_id(url, languages)
 
 
 def cached_llm_features(cfg: RunConfig, model: ProCLIP, shards: Sequence[str], languages,
                         live_fallback: bool = True) -> CachedTextFeatures:
-    """The cached LLM rows of `shards` by caption id; captions not in the cache are encoded live
-    (`live_fallback`) or are an error."""
+    """The cached LLM rows of a bounded (evaluation) set by caption id; captions not in the cache
+    are encoded live (`live_fallback`) or are an error."""
     ids, feats, _ = llm_cache(cfg, model).load(shards, languages)
     encode = (lambda texts: model.embedder.encode(texts)) if live_fallback and model.embedder is not None else None
     return CachedTextFeatures(ids, feats, encode, what="llm cache")

@@ -7,19 +7,24 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.data import IterableDataset
 
 from ..config import DataConfig, RunConfig
 from ..data.shards import Batcher, ImageTextStream
-from ..models.towers import module_fingerprint
+from ..models.towers import state_fingerprint
 
 
 class StreamBatches:
-    """Batches from the training shards' image-text stream, with a resumable position (the
-    samples this rank has consumed). Tasks that stream images mix this in."""
+    """Batches from a training stream (the shards' image-text stream, or cached features), with a
+    resumable position (the samples this rank has consumed). Streaming tasks mix this in."""
 
-    def _init_stream(self, data: DataConfig, preprocess, batch_size: int, seed: int):
-        self._stream = ImageTextStream(data.train_shards, preprocess, data.train_languages, seed=seed)
-        self._batch_size, self._workers = batch_size, data.num_workers
+    def _init_stream(self, data: DataConfig, preprocess, batch_size: int, seed: int, shard_features=None):
+        self._use_stream(ImageTextStream(data.train_shards, preprocess, data.train_languages, seed=seed,
+                                         shard_features=shard_features), batch_size, data.num_workers)
+
+    def _use_stream(self, stream: IterableDataset, batch_size: int, num_workers: int = 0):
+        self._stream = stream
+        self._batch_size, self._workers = batch_size, num_workers
         self._start_sample = 0
         self._batcher: Optional[Batcher] = None
 
@@ -58,4 +63,4 @@ def write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> 
     """Each rank records a hash of its trained weights: replicas must agree after data-parallel training."""
     folder = Path(cfg.output_dir) / "replicas"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{task.name}-rank{rank}.txt").write_text(module_fingerprint(task) + "\n")
+    (folder / f"{task.name}-rank{rank}.txt").write_text(state_fingerprint(task.training_state()) + "\n")

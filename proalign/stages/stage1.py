@@ -4,93 +4,108 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import IterableDataset
 
 from .. import engine
 from ..config import RunConfig, Stage1Config
-from ..data.samplers import EpochSampler
+from ..data.shards import expand_shards
 from ..engine import StageTask
 from ..losses import Objective
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length
-from .cache import build_caches, paired_features
-from .common import append_summary
+from .cache import build_caches, llm_cache, paired_stream, teacher_cache
+from .common import StreamBatches, append_summary, is_main, write_replica_checksum
 
 log = logging.getLogger(__name__)
 
 
-class Stage1Task(StageTask):
-    """Distil the CLIP text teacher into adapter(LLM(text)), from cached features."""
+class Stage1Task(StreamBatches, StageTask):
+    """Distil the CLIP text teacher into adapter(LLM(text)), from cached features streamed shard
+    by shard (each rank its own part of every epoch)."""
 
     name = "stage1"
 
-    def __init__(self, adapter: nn.Module, llm_feats: torch.Tensor, teacher_feats: torch.Tensor,
-                 stage1: Stage1Config, seed: int):
+    def __init__(self, adapter: nn.Module, stream: IterableDataset, stage1: Stage1Config, num_workers: int = 0):
         super().__init__()
-        if len(llm_feats) != len(teacher_feats) or len(llm_feats) == 0:
-            raise ValueError(f"stage1: need matching, non-empty features (got {len(llm_feats)} LLM rows, "
-                             f"{len(teacher_feats)} teacher rows)")
         self.train_cfg = stage1.train
         self.adapter = adapter
-        self.register_buffer("llm_feats", llm_feats.float(), persistent=False)
-        self.register_buffer("teacher_feats", teacher_feats.float(), persistent=False)
         self.objective = Objective({"instance": stage1.w_instance, "structure": stage1.w_structure},
                                    stage1.reduction, where="stage1")
-        self.sampler = EpochSampler(len(llm_feats), self.train_cfg.batch_size, seed)
+        self._use_stream(stream, self.train_cfg.batch_size, num_workers)
 
     def next_batch(self) -> dict:
-        return {"index": self.sampler.next()}
+        return self._next_stream_batch()
 
     def forward(self, batch: dict):
-        idx = batch["index"].to(self.llm_feats.device)
-        return self.objective({"student": self.adapter(self.llm_feats[idx]), "teacher": self.teacher_feats[idx]})
-
-    def data_state(self) -> dict:
-        return {"position": self.sampler.position}
-
-    def load_data_state(self, state: dict) -> None:
-        self.sampler.position = int(state.get("position", 0))
+        device = next(self.adapter.parameters()).device
+        return self.objective({"student": self.adapter(batch["llm"].to(device)),
+                               "teacher": batch["teacher"].to(device)})
 
 
 @torch.no_grad()
-def heldout_cosine(adapter: nn.Module, llm_feats: torch.Tensor, teacher_feats: torch.Tensor) -> float:
-    """Mean cosine between distilled text embeddings and the teacher's."""
-    if len(llm_feats) == 0:
-        return float("nan")
+def heldout_cosine(adapter: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    """(mean cosine between distilled text embeddings and the teacher's, captions), over
+    (LLM rows, teacher rows) chunks."""
     was = adapter.training
     adapter.eval()
-    student = adapter(llm_feats.to(next(adapter.parameters()).device)).cpu()
+    device = next(adapter.parameters()).device
+    total, count = 0.0, 0
+    for llm, teacher in pairs:
+        if len(llm):
+            student = adapter(llm.to(device)).cpu()
+            total += F.cosine_similarity(student, teacher, dim=-1).double().sum().item()
+            count += len(llm)
     adapter.train(was)
-    return F.cosine_similarity(student, teacher_feats, dim=-1).mean().item()
+    return (total / count if count else float("nan")), count
+
+
+def heldout_pairs(cfg: RunConfig, model: ProCLIP):
+    """() -> the eval shards' cached (LLM, teacher) rows, one shard at a time."""
+    llm, teacher = llm_cache(cfg, model), teacher_cache(cfg, model)
+    languages = cfg.data.train_languages
+
+    def pairs():
+        for url in expand_shards(cfg.data.eval_shards):
+            ids_l, rows_l, _ = llm.shard_rows(url, languages)
+            ids_t, rows_t, _ = teacher.shard_rows(url, languages)
+            if ids_l != ids_t:
+                raise RuntimeError(f"{url}: LLM and CLIP caches disagree on caption ids; rebuild with `proalign cache`")
+            yield rows_l, rows_t
+    return pairs
 
 
 def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
-    """Build the caches, distil, report the held-out cosine before/after, export the model file."""
+    """Build the caches (every rank its share), distil, report the held-out cosine before/after,
+    export the model file."""
+    rank, _ = engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
     torch.manual_seed(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
     build_caches(cfg, model, progress=progress)
-    llm, teacher, extra = paired_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
+    extra = teacher_cache(cfg, model).summary(cfg.data.train_shards, cfg.data.train_languages)
     log.info("stage1: %d training captions; CLIP teacher truncated %d of them at %d tokens",
-             len(llm), extra.get("truncated", 0), context_length(model.clip))
-    eval_llm = eval_teacher = torch.empty(0)
-    if cfg.data.eval_shards:
-        eval_llm, eval_teacher, _ = paired_features(cfg, model, cfg.data.eval_shards, cfg.data.train_languages)
-    before = heldout_cosine(model.adapter, eval_llm, eval_teacher)
+             extra["captions"], extra.get("truncated", 0), context_length(model.clip))
+    heldout = heldout_pairs(cfg, model) if cfg.data.eval_shards else (lambda: iter(()))
+    before, _ = heldout_cosine(model.adapter, heldout())
     engine.seed_everything(cfg.seed)
-    task = Stage1Task(model.adapter, llm, teacher, cfg.stage1, cfg.seed)
+    stream = paired_stream(cfg, model, cfg.data.train_shards, cfg.data.train_languages, cfg.seed)
+    task = Stage1Task(model.adapter, stream, cfg.stage1, cfg.data.num_workers)
     last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
-    after = heldout_cosine(model.adapter, eval_llm, eval_teacher)
-    model.save(Path(cfg.output_dir) / "stage1.safetensors", {"stage": "stage1"})
+    write_replica_checksum(cfg, task, rank)
+    after, heldout_count = heldout_cosine(model.adapter, heldout())
+    if is_main():
+        model.save(Path(cfg.output_dir) / "stage1.safetensors", {"stage": "stage1"})
     for reason, n in extra["skips"].items():
         log.warning("stage1: skipped %d training samples: %s", n, reason)
-    summary = {"stage": "stage1", "train_captions": len(llm), "teacher_truncated": extra.get("truncated", 0),
+    summary = {"stage": "stage1", "train_captions": extra["captions"], "teacher_truncated": extra.get("truncated", 0),
                "shard_samples": extra["shard_samples"], **{f"skipped_{k}": v for k, v in extra["skips"].items()},
                "heldout_cosine_before": before, "heldout_cosine_after": after, **last}
     append_summary(cfg, summary)
-    print(f"stage1: held-out cosine to the CLIP teacher {before:.4f} -> {after:.4f} "
-          f"({len(eval_llm)} captions); teacher truncated {extra.get('truncated', 0)} training captions")
+    if rank == 0:
+        print(f"stage1: held-out cosine to the CLIP teacher {before:.4f} -> {after:.4f} "
+              f"({heldout_count} captions); teacher truncated {extra.get('truncated', 0)} training captions")
     return summary

@@ -4,7 +4,7 @@ Writes `stage2.safetensors`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -17,18 +17,19 @@ from ..eval.evaluator import Evaluator, image_encoder, llm_text_tower, load_shar
 from ..losses import Objective
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
-from .cache import build_caches, cached_llm_features
+from .cache import build_caches, cached_llm_features, shard_text_features
 from .common import StreamBatches, append_summary, is_main, write_replica_checksum
 
 
 class Stage2Task(StreamBatches, StageTask):
     """Image tower + adapter with symmetric InfoNCE and EMA self-distillation (`lambda_sd`), plus
-    any `extra_losses`. LLM features come from `text_features(caption_ids, texts)`."""
+    any `extra_losses`. LLM features are read with the images, one shard's cache at a time
+    (`shard_features(url)` -> {caption id: row}); the frozen embedder is not part of the task."""
 
     name = "stage2"
 
     def __init__(self, model: ProCLIP, stage2: Stage2Config, data: DataConfig, seed: int,
-                 text_features: Callable[[list[str], list[str]], torch.Tensor]):
+                 shard_features: Callable[[str], Mapping[str, torch.Tensor]]):
         super().__init__()
         self.train_cfg = stage2.train
         self.visual = model.clip.visual
@@ -37,13 +38,12 @@ class Stage2Task(StreamBatches, StageTask):
         self.logit_scale = LogitScale(stage2.init_logit_scale, stage2.max_logit_scale)
         self.objective = Objective({"contrastive": 1.0, "self_distillation": stage2.lambda_sd, **stage2.extra_losses},
                                    stage2.reduction, where="stage2.extra_losses")
-        self.text_features = text_features
         self.evaluator: Optional[Callable[[], dict]] = None  # () -> held-out metrics, set by the driver
-        self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed)
+        self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed, shard_features)
 
     def next_batch(self) -> dict:
         batch = self._next_stream_batch()
-        batch["llm"] = self.text_features(batch["caption_id"], batch["text"])
+        batch["llm"] = batch.pop("features")
         return batch
 
     def forward(self, batch: dict):
@@ -88,19 +88,15 @@ def heldout_evaluation(cfg: RunConfig, model: ProCLIP) -> Callable[[], dict]:
 
 
 def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
-    """Build the LLM caches (rank 0), align, report held-out retrieval before/after, export."""
-    import torch.distributed as dist
+    """Build the LLM caches (every rank its share), align, report held-out retrieval before/after, export."""
     rank, world = engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
     torch.manual_seed(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
-    if rank == 0:  # one writer; the other ranks wait, then read
-        build_caches(cfg, model, teacher=False, progress=progress)
-    if world > 1:
-        dist.barrier()
+    build_caches(cfg, model, teacher=False, progress=progress)
     heldout = heldout_evaluation(cfg, model) if cfg.data.eval_shards and rank == 0 else None
     before = heldout() if heldout else {}
     engine.seed_everything(cfg.seed)
-    train_text = cached_llm_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
+    train_text = shard_text_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
     task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, train_text)
     task.evaluator = heldout
     last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
