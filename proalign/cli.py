@@ -120,9 +120,8 @@ def _dispatch(args) -> int:
         return 0
     cfg = _load(args)  # validated before torch and the models are imported
     if args.command == "cache":
-        from .models.proclip import ProCLIP
-        from .stages.cache import build_caches
-        print(build_caches(cfg, ProCLIP.from_config(cfg), progress=progress))
+        from .stages.cache import run_cache
+        run_cache(cfg, progress=progress)
     elif args.command == "teacher":
         from .stages.teacher import run_teacher
         run_teacher(cfg, args.resume, progress=progress)

@@ -26,7 +26,16 @@ from ..storage import save_tensors
 from .shards import epoch_shards, expand_shards, read_captions, reader_partition
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
+# All of a sidecar's metadata sits under this one key, as sorted JSON: safetensors stores its
+# metadata in a hash map, whose order (and so the file's bytes) would differ between processes.
+META_KEY = "proalign_cache"
+
+
+def read_sidecar_meta(handle) -> dict:
+    """The metadata of an open sidecar ({} for a file of an older cache version)."""
+    raw = (handle.metadata() or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
 _digests: dict[tuple, str] = {}
 
 
@@ -74,7 +83,7 @@ class EmbeddingCache:
         if not path.exists():
             return "missing"
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = read_sidecar_meta(f)
         if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != self.fingerprint:
             return "written by another encoder version"
         if meta.get("dtype", "float32") != self.dtype:
@@ -126,7 +135,8 @@ class EmbeddingCache:
                     "ids": json.dumps(ids, ensure_ascii=False)}
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
-            save_tensors({"embeddings": emb.float().to(STORAGE_DTYPES[self.dtype])}, self.sidecar(url), meta)
+            save_tensors({"embeddings": emb.float().to(STORAGE_DTYPES[self.dtype])}, self.sidecar(url),
+                         {META_KEY: json.dumps(meta, sort_keys=True, ensure_ascii=False)})
             stats["shards_encoded"] += 1
             stats["captions_encoded"] += len(ids)
             bar.set_postfix(captions=stats["captions_encoded"])
@@ -149,7 +159,7 @@ class EmbeddingCache:
                 raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache` "
                                       f"(cache dir {self.dir})")
         with safe_open(str(self.sidecar(url)), framework="pt") as f:
-            meta = f.metadata()
+            meta = read_sidecar_meta(f)
             emb = f.get_tensor("embeddings").float()
         ids = json.loads(meta["ids"])
         if languages:
@@ -186,7 +196,7 @@ class EmbeddingCache:
             if reason is not None:
                 raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache`")
             with safe_open(str(self.sidecar(url)), framework="pt") as f:
-                meta = f.metadata()
+                meta = read_sidecar_meta(f)
             ids = json.loads(meta["ids"])
             captions += sum(cid.split("|")[-2] in languages for cid in ids) if languages else len(ids)
             tally.add(meta)
