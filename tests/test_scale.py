@@ -114,3 +114,37 @@ def test_checkpoints_and_checksums_hold_only_what_trains(tiny_cfg):
     task = CoopTask(prompt, model.adapter.requires_grad_(True), torch.randn(4, 64), torch.tensor([0, 1, 0, 1]),
                     [["cat"], ["dog"]], 10.0, tiny_cfg.coop, 0)
     assert {k.split(".")[0] for k in task.training_state()} == {"prompt", "adapter"}
+
+
+def test_eval_runs_the_llm_once_per_caption_for_models_sharing_an_embedder(tiny_cfg, tmp_path, monkeypatch):
+    from collections import Counter
+    from proalign.config import EvalDatasetConfig
+    from proalign.eval.runner import run_eval
+    from proalign.models.embedder import TextEmbedder
+    from proalign.models.proclip import ProCLIP
+    files = {}
+    for label in ("a", "b"):
+        torch.manual_seed(len(files))  # two different adapters, one embedder
+        files[label] = str(tmp_path / f"{label}.safetensors")
+        ProCLIP.from_config(tiny_cfg).save(files[label])
+    tiny_cfg.eval.models = files
+    tiny_cfg.eval.datasets = [EvalDatasetConfig("emoji", "shards", "data_shards/emoji-test-000.tar",
+                                                ["en", "de"], 15)]
+    encoded: Counter = Counter()
+    real = TextEmbedder.encode
+
+    def counting(self, texts, *args, **kwargs):
+        encoded.update(texts)
+        return real(self, texts, *args, **kwargs)
+    monkeypatch.setattr(TextEmbedder, "encode", counting)
+    run_eval(tiny_cfg, progress=False)
+    rows = [json.loads(line) for line in open(f"{tiny_cfg.output_dir}/eval_rows.jsonl")]
+    assert {r["model"] for r in rows} >= {"a", "b"}
+    assert encoded and max(encoded.values()) == 1  # every caption through the LLM once, for both models
+    # the second model's numbers are those it gets evaluated alone
+    tiny_cfg.eval.models = {"b": files["b"]}
+    tiny_cfg.output_dir = str(tmp_path / "alone")
+    run_eval(tiny_cfg, progress=False)
+    alone = [json.loads(line) for line in open(tmp_path / "alone" / "eval_rows.jsonl")]
+    key = lambda r: (r["language"], r["t2i_R@1"], r["i2t_R@1"], r["t2i_R@10"])  # noqa: E731
+    assert [key(r) for r in rows if r["model"] == "b"] == [key(r) for r in alone if r["model"] == "b"]

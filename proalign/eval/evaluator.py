@@ -14,7 +14,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..data.cache import CachedTextFeatures
 from ..data.shards import caption_items
 from .retrieval import recall_uncertainty, retrieval_metrics
 
@@ -65,8 +64,10 @@ def clip_text_tower(model, name: str = CLIP_TOWER) -> TextTower:
                      functools.partial(model.count_truncated, tower="clip"))
 
 
-def llm_text_tower(model, name: str, cache: Optional[CachedTextFeatures] = None, batch_size: int = 64) -> TextTower:
-    """LLM embedder + adapter; with `cache`, cached LLM rows (captions it lacks are encoded live)."""
+def llm_text_tower(model, name: str, cache: Optional[Callable[[Sequence[str], Sequence[str]], torch.Tensor]] = None,
+                   batch_size: int = 64) -> TextTower:
+    """LLM embedder + adapter; with `cache` ((ids, texts) -> LLM rows, e.g. a CachedTextFeatures),
+    the adapter runs on its rows."""
     if cache is None:
         encode = lambda texts, ids: model.encode_text(texts, batch_size=batch_size)  # noqa: E731
     else:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
+
+import torch
 
 from ..config import EvalDatasetConfig, RunConfig
 from .evaluator import (CLIP_TOWER, EvalSet, Evaluator, clip_text_tower, image_encoder, llm_text_tower,
@@ -35,19 +37,35 @@ def load_classification_dataset(ds: EvalDatasetConfig, preprocess):
     return data
 
 
-def classification_encoders(model, cfg: RunConfig, label: str, with_clip_text: bool):
+def shared_llm_features(embedder, batch_size: int) -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
+    """(ids, texts) -> the embedder's rows of `texts`, each distinct text encoded once and kept:
+    every model file evaluated with this embedder reuses them (only its adapter differs)."""
+    from ..data.cache import CachedTextFeatures
+    by_text = CachedTextFeatures([], torch.empty(0), lambda texts: embedder.encode(texts, batch_size=batch_size),
+                                 what="eval text features")
+    return lambda ids, texts: by_text(list(texts), list(texts))
+
+
+def classification_encoders(model, cfg: RunConfig, label: str, with_clip_text: bool, llm_features=None):
     """language -> {tower name: class encoder}: CLIP's text tower and the LLM tower with the
-    (ensembled) templates of that language, and the learned CoOp context on the bare names."""
+    (ensembled) templates of that language, and the learned CoOp context on the bare names.
+    `llm_features` (see `shared_llm_features`): embedder rows shared between models."""
     from .templates import templates_for
     from .zeroshot import ensemble_encoder
     bs = cfg.eval.batch_size
+
+    def llm(texts):
+        if llm_features is None:
+            return model.encode_text(texts, batch_size=bs)
+        with torch.no_grad():
+            return model.encode_llm_features(llm_features(texts, texts).to(model.device))
 
     def encoders_for(lang):
         templates = templates_for(lang, cfg.eval.templates, cfg.eval.template_ensemble)
         out = {}
         if with_clip_text:
             out[CLIP_TOWER] = ensemble_encoder(model.encode_text_clip, templates)
-        out[label] = ensemble_encoder(lambda texts: model.encode_text(texts, batch_size=bs), templates)
+        out[label] = ensemble_encoder(llm, templates)
         if model.prompt is not None and not model.prompt.class_specific:
             out[f"{label} + CoOp"] = lambda names, _index: model.encode_text(names, prompt=True, batch_size=bs)
         return out
@@ -68,6 +86,7 @@ def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
     classification = [ds for ds in cfg.eval.datasets if is_classification(ds)]
     embedder = TextEmbedder.from_config(cfg.embedder)
     bs = cfg.eval.batch_size
+    llm_features = shared_llm_features(embedder, bs)  # the LLM runs once per caption, not once per model
     evaluator, labelled = None, {}
     rows: list[dict] = []
     class_rows: list[dict] = []
@@ -80,15 +99,15 @@ def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
             labelled = {ds.name: load_classification_dataset(ds, model.preprocess_eval) for ds in classification}
         if retrieval:
             towers = [clip_text_tower(model)] if with_clip_text else []
-            towers.append(llm_text_tower(model, label, batch_size=bs))
+            towers.append(llm_text_tower(model, label, llm_features))
             if model.prompt is not None:
                 towers.append(prompt_text_tower(model, f"{label} + CoOp", batch_size=bs))
             rows += evaluator.evaluate(image_encoder(model), towers)
         for ds in classification:
             data = labelled[ds.name]
             image_emb = model.encode_image(data.images, batch_size=bs, show_progress_bar=progress)
-            class_rows += classify_by_language(image_emb, data, classification_encoders(model, cfg, label, with_clip_text),
-                                               ds.languages or None, ds.name)
+            encoders = classification_encoders(model, cfg, label, with_clip_text, llm_features)
+            class_rows += classify_by_language(image_emb, data, encoders, ds.languages or None, ds.name)
     return write_eval_report(rows, Path(cfg.output_dir), class_rows)
 
 
