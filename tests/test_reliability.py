@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import write_shard
+from proalign.engine import StageTask
 
 
 def _jpeg() -> bytes:
@@ -129,7 +130,7 @@ def test_shard_edited_in_place_with_the_same_size_is_re_encoded_and_refused_stal
 
 # ----------------------------------------------------------------------------- engine: non-finite, checkpoints
 
-class _Diverging(torch.nn.Module):
+class _Diverging(StageTask):
     """A StageTask whose loss is finite until `bad_from`, then NaN."""
 
     name = "diverge"
@@ -147,17 +148,11 @@ class _Diverging(torch.nn.Module):
         loss = (self.w ** 2).sum()
         return (loss * float("nan") if batch["step"] > self.bad_from else loss), {}
 
-    def after_step(self):
-        pass
-
     def data_state(self):
         return {"step": self.step}
 
     def load_data_state(self, state):
         self.step = state["step"]
-
-    def skip_counts(self):
-        return {}
 
     def evaluate(self):
         return {}
