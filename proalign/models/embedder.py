@@ -97,6 +97,12 @@ class TextEmbedder(nn.Module):
     def _from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
         from transformers import AutoModel, AutoTokenizer
         pooling, q_prefix, p_prefix = cfg.pooling or "mean", cfg.query_prefix, cfg.passage_prefix
+        if cfg.instruction:
+            q_prefix = cfg.instruction_template.format(instruction=cfg.instruction)
+        dtype = getattr(torch, cfg.dtype)
+        load_kwargs = {"dtype": dtype}
+        if cfg.attn_implementation:
+            load_kwargs["attn_implementation"] = cfg.attn_implementation
         head = head_dim = None
         if cfg.source == "random":
             from transformers import AutoConfig
@@ -105,7 +111,7 @@ class TextEmbedder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer, "embedder.tokenizer"))
             arch.setdefault("vocab_size", len(tokenizer))
             torch.manual_seed(arch.pop("seed", 0))
-            model = AutoModel.from_config(AutoConfig.for_model(model_type, **arch))
+            model = AutoModel.from_config(AutoConfig.for_model(model_type, **arch), **load_kwargs)
             ident = json.dumps({"random": cfg.arch, "tok": cfg.tokenizer}, sort_keys=True)
         else:
             name = cfg.name
@@ -118,7 +124,7 @@ class TextEmbedder(nn.Module):
             st_dir = Path(name) / "modules.json"
             use_st = cfg.source == "sentence-transformers" or (cfg.source == "auto" and st_dir.exists())
             if use_st:
-                model, tokenizer, head, head_dim, pooling = _unwrap_sentence_transformer(name)
+                model, tokenizer, head, head_dim, pooling = _unwrap_sentence_transformer(name, load_kwargs)
                 if cfg.pooling and cfg.pooling != pooling:
                     raise ConfigError(f"embedder.pooling: {cfg.pooling!r} is set, but the sentence-transformers "
                                       f"model {name!r} pools with {pooling!r}; remove embedder.pooling to follow "
@@ -127,14 +133,21 @@ class TextEmbedder(nn.Module):
                 try:
                     tokenizer = AutoTokenizer.from_pretrained(
                         _maybe_pkg(cfg.tokenizer, "embedder.tokenizer") if cfg.tokenizer else name)
-                    model = AutoModel.from_pretrained(name)
+                    model = AutoModel.from_pretrained(name, **load_kwargs)
                 except OSError as err:
                     raise OSError(f"embedder.name: cannot load {name!r} as a transformers model: {err}") from err
             ident = f"{cfg.source}:{name}"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        return cls(model, tokenizer, pooling, q_prefix, p_prefix, cfg.text_role, cfg.max_length, ident,
-                   head, head_dim)
+        side = cfg.padding_side or ("left" if pooling == "last" else None)
+        if side:
+            tokenizer.padding_side = side
+        model.to(dtype)  # also the head's modules and a converted model's float32 leftovers
+        embedder = cls(model, tokenizer, pooling, q_prefix, p_prefix, cfg.text_role, cfg.max_length, ident,
+                       head, head_dim)
+        if cfg.gradient_checkpointing:
+            embedder.enable_gradient_checkpointing()
+        return embedder
 
     # -------------------------------------------------------------- properties
     @property
@@ -149,12 +162,37 @@ class TextEmbedder(nn.Module):
         return self.model.get_input_embeddings()
 
     def fingerprint(self) -> str:
-        """Identity of what `encode` computes: model, pooling, prefixes, max length."""
-        blob = json.dumps([self.identity, self.pooling, self.prefixes, self.text_role, self.max_length])
+        """Identity of what `encode` computes: model, weights' dtype, pooling, prefixes (the
+        instruction), padding side, max length."""
+        facts = [self.identity, self.pooling, self.prefixes, self.text_role, self.max_length]
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32 or getattr(self.tokenizer, "padding_side", "right") == "left":
+            facts += [str(dtype), self.tokenizer.padding_side]  # float32/right: the fingerprint as before
+        blob = json.dumps(facts)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def train(self, mode: bool = True):  # frozen: always eval (no dropout)
-        return super().train(False)
+        super().train(False)
+        self._arm_checkpointing()
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each layer in backward (the CoOp head's gradient through a large embedder)."""
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"embedder.gradient_checkpointing: {type(self.model).__name__} does not support it")
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._arm_checkpointing()
+
+    def _arm_checkpointing(self) -> None:
+        # transformers checkpoints a layer only in training mode; the frozen embedder stays in eval
+        # mode (no dropout), so only the checkpointed layers' own flag is set.
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
 
     # -------------------------------------------------------------- encoding
     def prefixed(self, texts: Sequence[str], role: Optional[str] = None) -> list[str]:
@@ -225,13 +263,13 @@ def _maybe_pkg(name: Optional[str], field: str = "embedder.name") -> Optional[st
 _ST_POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 
 
-def _unwrap_sentence_transformer(name: str):
+def _unwrap_sentence_transformer(name: str, load_kwargs: Optional[dict] = None):
     """(transformer, tokenizer, head, head output dim, pooling name) of a sentence-transformers
     model. The head is every module after the transformer, run as the library runs it, so the
     model's own pooling (whatever its version writes to disk) and any Dense/Normalize are kept."""
     from sentence_transformers import SentenceTransformer
     try:
-        st = SentenceTransformer(name, device="cpu")
+        st = SentenceTransformer(name, device="cpu", model_kwargs=load_kwargs or None)
     except OSError as err:
         raise OSError(f"embedder.name: cannot load {name!r} as a sentence-transformers model: {err}") from err
     modules = list(st)
