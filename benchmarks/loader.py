@@ -25,7 +25,7 @@ def run(batch_size: int = 64, batches: int = 20, workers: int = 2) -> dict:
     loader_rate = batches * batch_size / (time.perf_counter() - start)
     del batcher
 
-    task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, text_features=None)
+    task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, shard_features=None)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5)
     batch = {"image": torch.randn(batch_size, 3, cfg.data.image_size, cfg.data.image_size),
              "llm": torch.randn(batch_size, model.adapter.in_dim)}

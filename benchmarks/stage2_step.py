@@ -58,7 +58,7 @@ def run(tower: str = "demo", batch_size: int = 64, rounds: int = 5) -> dict:
     llm = torch.randn(batch_size, model.adapter.in_dim)
     batch = {"image": images, "llm": llm}
 
-    task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, text_features=None)
+    task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, shard_features=None)
     ours_opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5)
 
     visual, adapter = copy.deepcopy(model.clip.visual), copy.deepcopy(model.adapter)
@@ -88,7 +88,7 @@ def run(tower: str = "demo", batch_size: int = 64, rounds: int = 5) -> dict:
     # the same task with lambda_sd = 0: the framework's own overhead, without the teacher forward
     cfg_no_sd = copy.deepcopy(cfg)
     cfg_no_sd.stage2.lambda_sd = 0.0
-    no_sd = Stage2Task(copy.deepcopy(model), cfg_no_sd.stage2, cfg.data, cfg.seed, text_features=None)
+    no_sd = Stage2Task(copy.deepcopy(model), cfg_no_sd.stage2, cfg.data, cfg.seed, shard_features=None)
     no_sd_opt = torch.optim.AdamW([p for p in no_sd.parameters() if p.requires_grad], lr=1e-5)
 
     def ours_without_sd():

@@ -120,6 +120,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     # Abort after this many consecutive non-finite losses (each one is skipped and counted).
     max_nonfinite_steps: int = 5
+    # Micro-batches per optimizer step (plain torch/DDP): the loss is that of all k x batch_size
+    # samples, InfoNCE negatives and structure pairs included (open_clip's accum_freq).
+    accum_steps: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -214,6 +217,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"
+    # Plain torch/DDP path: auto = bf16 autocast on CUDA, float32 on CPU. DeepSpeed follows its JSON.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # CPU: one intra-op thread while training, so a resumed run is bitwise equal to an
     # uninterrupted one (multi-threaded MKL reductions are not). Set false for speed.
     deterministic: bool = True
@@ -323,6 +328,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         need(train.checkpoint_every > 0, f"{stage}.train.checkpoint_every", "must be > 0")
         need(train.eval_every >= 0, f"{stage}.train.eval_every", "must be >= 0 (0: no periodic eval)")
         need(train.max_nonfinite_steps > 0, f"{stage}.train.max_nonfinite_steps", "must be > 0")
+        need(train.accum_steps >= 1, f"{stage}.train.accum_steps", "must be >= 1")
         need(train.optim.lr > 0, f"{stage}.train.optim.lr", "must be > 0")
         need(len(train.optim.betas) == 2, f"{stage}.train.optim.betas", "needs two values")
     need(cfg.adapter.num_blocks >= 0, "adapter.num_blocks", "must be >= 0")

@@ -44,6 +44,25 @@ class StageTask(nn.Module, abc.ABC):
     def next_batch(self) -> dict:
         """The next training batch (moved to the device by `forward`)."""
 
+    def features(self, batch: dict) -> dict:
+        """The batch's features: tensors with one row per sample, or scalars (a logit scale)."""
+        raise NotImplementedError(f"{self.name} does not split its loss into features and loss, so it "
+                                  f"cannot accumulate gradients (train.accum_steps)")
+
+    def loss(self, features: dict):
+        """(loss, metrics) from `features`."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict, accumulated: Optional[tuple[list[dict], int]] = None):
+        """(loss, metrics) of the batch. With `accumulated` = (every micro-batch's features computed
+        without grad, this batch's place j among them), the loss is that of the whole accumulated
+        batch, with gradient through micro-batch j alone (open_clip's `accum_freq`): InfoNCE
+        negatives and structure pairs span every micro-batch."""
+        features = self.features(batch)
+        if accumulated is not None:
+            features = merge_accumulated(features, *accumulated)
+        return self.loss(features)
+
     def after_step(self) -> None:
         """Called after every optimizer step (EMA update, clamping)."""
 
@@ -92,6 +111,19 @@ class StageTask(nn.Module, abc.ABC):
         if missing or unexpected:
             raise KeyError(f"{self.name}: checkpoint does not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
         self.load_state_dict(tensors, strict=False)
+
+
+def merge_accumulated(live: dict, cached: list[dict], index: int) -> dict:
+    """Micro-batch `index`'s live features in place of its cached copy, the others cached (no grad).
+    Scalars (a logit scale) keep their gradient on the first micro-batch only, so that summing the
+    micro-batches' gradients gives the whole batch's gradient exactly once."""
+    merged = {}
+    for key, value in live.items():
+        if value.dim() == 0 or (value.dim() == 1 and value.numel() == 1):
+            merged[key] = value if index == 0 else value.detach()
+        else:
+            merged[key] = torch.cat([value if i == index else part[key] for i, part in enumerate(cached)])
+    return merged
 
 
 def seed_everything(seed: int) -> None:
@@ -240,6 +272,12 @@ class _Run:
     start_step: int = 0
     nonfinite_total: int = 0
     nonfinite_run: int = 0
+    amp_dtype: Optional[torch.dtype] = None  # autocast in the plain torch/DDP path (bf16 on CUDA)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
 
 
 def _setup(task: StageTask, cfg: RunConfig, run_dir: Path, device, use_ds: bool, rank: int, world: int) -> _Run:
@@ -263,8 +301,15 @@ def _setup(task: StageTask, cfg: RunConfig, run_dir: Path, device, use_ds: bool,
         ignored = [k for k in task.state_dict() if k.startswith(frozen)]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, ignored)
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg.accum_steps > 1 and use_ds:
+        from .config import ConfigError
+        raise ConfigError(f"{task.name}.train.accum_steps: not with DeepSpeed; set gradient_accumulation_steps in "
+                          f"{cfg.deepspeed} (DeepSpeed's micro-batches each use their own negatives)")
+    amp = None
+    if not use_ds and device.type == "cuda" and cfg.precision in ("auto", "bf16"):
+        amp = torch.bfloat16  # DeepSpeed has its own bf16 (the JSON's "bf16" section)
     return _Run(task, train_cfg, model, params, optimizer, scheduler, ds_engine, CheckpointManager(run_dir / task.name),
-                run_dir, rank == 0)
+                run_dir, rank == 0, amp_dtype=amp)
 
 
 def _resume(run: _Run) -> None:
@@ -295,10 +340,11 @@ def _loop(run: _Run, progress: bool) -> dict:
                desc=task.name, disable=not (progress and run.is_main), unit="step")
     run.model.train()
     for step in bar:
-        loss, metrics = run.model(task.next_batch())
-        if not _finite_or_skip(run, loss, step):
+        result = _forward_backward(run, step)
+        if result is None:  # non-finite loss: skipped and counted
             continue
-        _optimizer_step(run, loss)
+        loss, metrics = result
+        _optimizer_step(run)
         task.after_step()
         done = step + 1
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
@@ -339,13 +385,39 @@ def _finite_or_skip(run: _Run, loss: torch.Tensor, step: int) -> bool:
     return False
 
 
-def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+def _forward_backward(run: _Run, step: int):
+    """(loss, metrics) of one optimizer step's batch, gradients computed; None if the loss is not
+    finite (nothing is backpropagated). With `train.accum_steps` = k > 1, k micro-batches are drawn,
+    their features computed once without grad, then each micro-batch is recomputed with grad
+    against the others' features and backpropagated (DDP synchronises on the last only)."""
+    task, k = run.task, run.train_cfg.accum_steps
+    batches = [task.next_batch() for _ in range(k)]
+    cached = None
+    if k > 1:
+        with torch.no_grad(), run.autocast():
+            cached = [task.features(batch) for batch in batches]
+    if run.ds_engine is None:
+        run.optimizer.zero_grad(set_to_none=True)
+    for index, batch in enumerate(batches):
+        last = index == k - 1
+        sync = run.model.no_sync() if isinstance(run.model, nn.parallel.DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
+        with sync:
+            with run.autocast():
+                loss, metrics = run.model(batch, (cached, index)) if cached else run.model(batch)
+            if index == 0 and not _finite_or_skip(run, loss, step):
+                return None
+            if run.ds_engine is not None:
+                run.ds_engine.backward(loss)
+            else:
+                loss.backward()
+    return loss, metrics
+
+
+def _optimizer_step(run: _Run) -> None:
     if run.ds_engine is not None:
-        run.ds_engine.backward(loss)
         run.ds_engine.step()
         return
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     if run.train_cfg.optim.grad_clip:
         nn.utils.clip_grad_norm_(run.params, run.train_cfg.optim.grad_clip)
     run.optimizer.step()

@@ -222,3 +222,57 @@ def test_gradient_checkpointing_gives_the_same_context_gradient(tmp_path):
         assert bool(layers) == checkpointing and not any(
             m.training for m in embedder.model.modules() if isinstance(m, torch.nn.Dropout))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+class _Contrastive:
+    """A toy two-tower contrastive task over fixed rows (stage 2's loss: InfoNCE + a learned scale)."""
+
+    @staticmethod
+    def make(batch_size, accum_steps, steps=2):
+        from proalign.config import OptimConfig, TrainConfig
+        from proalign.engine import StageTask
+        from proalign.losses import Objective
+        from proalign.models.logit_scale import LogitScale
+
+        class Task(StageTask):
+            name = "toy"
+
+            def __init__(self):
+                super().__init__()
+                g = torch.Generator().manual_seed(0)
+                self.rows = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+                torch.manual_seed(1)
+                self.image, self.text = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+                self.logit_scale = LogitScale(10.0, 100.0)
+                self.objective = Objective({"contrastive": 1.0, "structure": 0.5})
+                self.train_cfg = TrainConfig(steps=steps, batch_size=batch_size, accum_steps=accum_steps,
+                                             checkpoint_every=100, log_every=1,
+                                             optim=OptimConfig(optimizer="sgd", lr=0.5, momentum=0.0, grad_clip=None))
+                self.at = 0
+
+            def next_batch(self):
+                idx = torch.arange(self.at, self.at + batch_size) % 64
+                self.at += batch_size
+                return {"a": self.rows[0][idx], "b": self.rows[1][idx]}
+
+            def features(self, batch):
+                image, text = self.image(batch["a"]), self.text(batch["b"])
+                return {"image": image, "text": text, "logit_scale": self.logit_scale(),
+                        "student": image, "teacher": text.detach()}
+
+            def loss(self, features):
+                return self.objective(features)
+        return Task()
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tiny_cfg, tmp_path):
+    """2 x 8 accumulated = one batch of 16: InfoNCE negatives, structure pairs and the logit
+    scale's gradient (counted once) span the accumulated batch."""
+    from proalign import engine
+    whole, accumulated = _Contrastive.make(16, 1), _Contrastive.make(8, 2)
+    engine.train(whole, tiny_cfg, tmp_path / "whole", progress=False)
+    engine.train(accumulated, tiny_cfg, tmp_path / "accum", progress=False)
+    for (name, a), b in zip(whole.training_state().items(), accumulated.training_state().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    rows = lambda run: [json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")]  # noqa: E731
+    assert rows("whole") == pytest.approx(rows("accum"), rel=1e-6)

@@ -168,10 +168,15 @@ class EmbeddingCache:
             emb = emb[keep] if len(keep) else emb[:0]
         return ids, emb, meta
 
-    def rows_by_id(self, url: str, languages: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
-        """{caption id: row} of one shard (streams read training features this way, shard by shard)."""
+    def rows_by_sample(self, url: str, languages: Optional[Sequence[str]] = None) -> dict[str, dict]:
+        """{sample key: {caption id: row}} of one shard (the image-text stream reads training
+        features this way, shard by shard). Each sample's rows are copied out of the shard's
+        matrix, so a sample waiting in a shuffle buffer keeps its own rows alive, not its shard's."""
         ids, emb, _ = self.shard_rows(url, languages, checked=True)
-        return dict(zip(ids, emb))
+        by_key: dict[str, list[int]] = {}
+        for row, cid in enumerate(ids):
+            by_key.setdefault(cid.rsplit("|", 2)[0], []).append(row)
+        return {key: dict(zip((ids[r] for r in rows), emb[rows].unbind())) for key, rows in by_key.items()}
 
     def load(self, shards, languages: Optional[Sequence[str]] = None) -> tuple[list[str], torch.Tensor, dict]:
         """(caption ids, embeddings, extras) of the given shards, all in memory: for bounded sets
@@ -254,7 +259,8 @@ class PairedFeatureStream(IterableDataset):
             rows = list(range(len(llm))) if by_shard else list(range(index, len(llm), count))
             rng.shuffle(rows)
             for row in rows:
-                buffer.append({"llm": llm[row], "teacher": teacher[row]})
+                # copies: a view would keep the whole shard's matrix alive while it waits in the buffer
+                buffer.append({"llm": llm[row].clone(), "teacher": teacher[row].clone()})
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)

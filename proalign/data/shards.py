@@ -200,13 +200,14 @@ class ImageTextStream(IterableDataset):
     deterministic resampling rather than stored reader offsets). Skipped samples are yielded as
     `{"skip": reason}` so the trainer in the main process can count them.
 
-    `shard_features(url)` (optional) gives a shard's cached text features as {caption_id: row}; each
-    item then carries the row of its caption as `features`, read one shard at a time.
+    `shard_features(url)` (optional) gives a shard's cached text features as {sample key:
+    {caption_id: row}}; each item then carries the row of its caption as `features`, read one
+    shard at a time.
     """
 
     def __init__(self, shards, preprocess: Callable, languages: Sequence[str] = ("en",), seed: int = 0,
                  shuffle_buffer: int = 1000,
-                 shard_features: Optional[Callable[[str], Mapping[str, torch.Tensor]]] = None):
+                 shard_features: Optional[Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]] = None):
         super().__init__()
         self.shard_features = shard_features
         self.urls = expand_shards(shards)
@@ -226,14 +227,14 @@ class ImageTextStream(IterableDataset):
         position = 0
         skips: Counter = Counter()
         for url in mine:
-            # this shard's cached text features, shared by its samples while they wait in the buffer
+            # this shard's cached text features, each sample carrying its own rows into the buffer
             features = self.shard_features(url) if self.shard_features else None
             for sample in iter_raw_samples(url, skips):
                 position += 1
                 if not by_shard and (position - 1) % count != index:
                     continue
                 if features is not None:
-                    sample["__features__"] = features
+                    sample["__features__"] = features.get(str(sample.get("__key__")), {})
                 buffer.append(sample)
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(sample_rng.randrange(len(buffer)))

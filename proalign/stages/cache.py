@@ -134,11 +134,11 @@ def paired_stream(cfg: RunConfig, model: ProCLIP, shards, languages, seed: int) 
 
 
 def shard_text_features(cfg: RunConfig, model: ProCLIP, shards, languages):
-    """url -> {caption id: cached LLM row} for the image-text stream (stage 2), after checking that
-    every shard's sidecar is current."""
+    """url -> {sample key: {caption id: cached LLM row}} for the image-text stream (stage 2), after
+    checking that every shard's sidecar is current."""
     cache = llm_cache(cfg, model)
     cache.verify(shards, languages)
-    return lambda url: cache.rows_by_id(url, languages)
+    return lambda url: cache.rows_by_sample(url, languages)
 
 
 def cached_llm_features(cfg: RunConfig, model: ProCLIP, shards: Sequence[str], languages,

@@ -41,10 +41,12 @@ class Stage1Task(StreamBatches, StageTask):
     def next_batch(self) -> dict:
         return self._next_stream_batch()
 
-    def forward(self, batch: dict):
+    def features(self, batch: dict) -> dict:
         device = next(self.adapter.parameters()).device
-        return self.objective({"student": self.adapter(batch["llm"].to(device)),
-                               "teacher": batch["teacher"].to(device)})
+        return {"student": self.adapter(batch["llm"].to(device)), "teacher": batch["teacher"].to(device)}
+
+    def loss(self, features: dict):
+        return self.objective(features)
 
 
 @torch.no_grad()

@@ -24,12 +24,13 @@ from .common import StreamBatches, append_summary, is_main, write_replica_checks
 class Stage2Task(StreamBatches, StageTask):
     """Image tower + adapter with symmetric InfoNCE and EMA self-distillation (`lambda_sd`), plus
     any `extra_losses`. LLM features are read with the images, one shard's cache at a time
-    (`shard_features(url)` -> {caption id: row}); the frozen embedder is not part of the task."""
+    (`shard_features(url)` -> {sample key: {caption id: row}}); the frozen embedder is not part of
+    the task."""
 
     name = "stage2"
 
     def __init__(self, model: ProCLIP, stage2: Stage2Config, data: DataConfig, seed: int,
-                 shard_features: Callable[[str], Mapping[str, torch.Tensor]]):
+                 shard_features: Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]):
         super().__init__()
         self.train_cfg = stage2.train
         self.visual = model.clip.visual
@@ -46,16 +47,19 @@ class Stage2Task(StreamBatches, StageTask):
         batch["llm"] = batch.pop("features")
         return batch
 
-    def forward(self, batch: dict):
+    def features(self, batch: dict) -> dict:
         device = self.logit_scale.log_scale.device
         images = batch["image"].to(device)
-        features = {"image": self.visual(images), "text": self.adapter(batch["llm"].to(device))}
-        features["logit_scale"] = scale = self.logit_scale()
+        features = {"image": self.visual(images), "text": self.adapter(batch["llm"].to(device)),
+                    "logit_scale": self.logit_scale()}
         if "ema_image" in self.objective.needs:  # no self-distillation: no teacher forward pass
             with torch.no_grad(), torch.profiler.record_function("stage2/teacher_forward"):
                 features["ema_image"] = self.ema(images)
+        return features
+
+    def loss(self, features: dict):
         loss, logged = self.objective(features)
-        return loss, {**logged, "logit_scale": scale.detach()}
+        return loss, {**logged, "logit_scale": features["logit_scale"].detach()}
 
     def after_step(self) -> None:
         with torch.profiler.record_function("stage2/ema_update"):

@@ -37,13 +37,14 @@ class TeacherTask(StreamBatches, StageTask):
         batch["tokens"] = self.tokenizer(batch["text"])
         return batch
 
-    def forward(self, batch: dict):
+    def features(self, batch: dict) -> dict:
         device = self.logit_scale.log_scale.device
-        image = self.clip.encode_image(batch["image"].to(device))
-        text = self.clip.encode_text(batch["tokens"].to(device))
-        scale = self.logit_scale()
-        loss, logged = self.objective({"image": image, "text": text, "logit_scale": scale})
-        return loss, {**logged, "logit_scale": scale.detach()}
+        return {"image": self.clip.encode_image(batch["image"].to(device)),
+                "text": self.clip.encode_text(batch["tokens"].to(device)), "logit_scale": self.logit_scale()}
+
+    def loss(self, features: dict):
+        loss, logged = self.objective(features)
+        return loss, {**logged, "logit_scale": features["logit_scale"].detach()}
 
     def after_step(self) -> None:
         self.logit_scale.clamp_()
