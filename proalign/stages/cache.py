@@ -3,6 +3,8 @@ teacher, into one sidecar file per shard under `data.cache_dir` (default `<outpu
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -120,10 +122,12 @@ def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
     engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
     torch.manual_seed(cfg.seed)
     model = ProCLIP.from_config(cfg)
+    start = time.perf_counter()
     stats = build_caches(cfg, model, progress=progress)
+    stats["seconds"] = time.perf_counter() - start  # encoding and the wait for the other ranks
     rank, world = _rank_world()
     if rank == 0:
-        print(f"cache: {stats}")
+        print(f"cache: {json.dumps(stats)}")
     return stats
 
 
