@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark and print ratios against their targets; writes benchmarks/results.json.
 
-    python benchmarks/run_all.py [--skip stage1_cache ...] [--vitb16] [--demo]
+    python benchmarks/run_all.py [--skip stage1_cache ...] [--vitb16] [--scale] [--demo]
 
 Each ratio is measured side by side within this one run (interleaved A/B rounds), never
 compared with numbers from another run or machine."""
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_run  # noqa: E402
 import loader  # noqa: E402
 import retrieval_memory  # noqa: E402
+import scale  # noqa: E402
 import stage1_cache  # noqa: E402
 import stage2_step  # noqa: E402
 import structure_loss  # noqa: E402
@@ -27,7 +28,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--skip", nargs="*", default=[], choices=["stage1_cache", "structure_loss", "stage2_step", "loader", "retrieval"])
     ap.add_argument("--vitb16", action="store_true", help="also time stage 2 with a ViT-B/16 tower (slow on CPU)")
-    ap.add_argument("--demo", action="store_true", help="also run `proalign demo` from scratch (~10 min)")
+    ap.add_argument("--demo", action="store_true", help="also run `proalign demo` from scratch (~15 min)")
+    ap.add_argument("--scale", action="store_true", help="also run benchmarks/scale.py: 1M cached captions, "
+                    "cache on 2 ranks, bf16 bytes (~6 min, 1 GB of synthetic shards in /tmp)")
     args = ap.parse_args()
     results, table = {}, []
     start = time.time()
@@ -66,6 +69,9 @@ def main() -> int:
                       f"< {retrieval_memory.FLAT_BOUND_MB} MB each", max(peaks) < retrieval_memory.FLAT_BOUND_MB))
         table.append(("  full-matrix memory growth 2.5k -> 5k images", f"{r['full_memory_growth']:.2f}x",
                       "(~4x)", True))
+    if args.scale:
+        r = results["scale"] = scale.run()
+        table.extend(scale.table_rows(r))
     if args.demo:
         r = results["demo"] = demo_run.run()
         table.append(("proalign demo total (2 CPU cores)", f"{r['wall_s'] / 60:.1f} min", "<= 15 min", r["wall_s"] <= 900))
