@@ -276,3 +276,24 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_cfg, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
     rows = lambda run: [json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")]  # noqa: E731
     assert rows("whole") == pytest.approx(rows("accum"), rel=1e-6)
+
+
+def test_cache_build_resumes_per_shard_after_a_crash(tmp_path):
+    """A build killed in its second shard keeps the first shard's sidecar (written atomically) and
+    the next build encodes only what is missing."""
+    urls = _caption_shards(tmp_path, shards=3)
+    cache = EmbeddingCache(tmp_path / "cache", "llm", "d" * 16)
+    calls = []
+
+    def dies_on_second_shard(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the kill
+        return _code(texts)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(urls, dies_on_second_shard, ["en"], progress=False)
+    assert sorted(p.name for p in cache.dir.iterdir()) == ["caps-000.safetensors"]
+    stats = cache.build(urls, _code, ["en"], progress=False)
+    assert stats["shards_reused"] == 1 and stats["shards_encoded"] == 2
+    ids, rows, _ = cache.load(urls, ["en"])
+    assert torch.equal(rows, _code([cid.split("|")[0][1:] for cid in ids]))
