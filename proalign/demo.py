@@ -74,7 +74,7 @@ def gap_in_se(a: float, a_se: float, b: float, b_se: float) -> float:
 # Seconds per demo step with configs/demo.yaml on 2 CPU cores (docs/demo-benchmark-*.md), and the
 # config field that scales it: the ETA is these, scaled by the config and by this machine's speed.
 REFERENCE_SECONDS = {
-    "teacher CLIP": (120, ("teacher", 300)), "load embedder": (3, None), "embedding cache": (145, None),
+    "teacher CLIP": (120, ("teacher", 300)), "load embedder": (3, None), "embedding cache": (279, None),
     "decode eval images": (3, None), "text measure, before stage 1": (3, None),
     "stage 1": (38, ("stage1", 800)), "eval stage 1": (100, None), "stage 2": (90, ("stage2", 200)),
     "eval stage 2": (6, None), "CoOp head": (66, None), "eval CoOp head": (69, None), "CoOp protocol": (240, None),
