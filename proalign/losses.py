@@ -86,22 +86,25 @@ def _gathered_structure(student, teacher, reduction: str, rank: int, world: int)
         return struct.to(student.dtype)
 
 
-def instance_term(student, teacher, reduction: str = "sum", gather: bool = False) -> torch.Tensor:
-    """`instance_loss`, or under data parallelism with `gather` this rank's share of it on the global batch."""
+def _gathering(reduction: str, gather: bool) -> tuple[int, int]:
+    """(rank, world) when the term is computed on the global batch, else (0, 1)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    rank, world = _world()
-    if gather and world > 1:
+    return _world() if gather else (0, 1)
+
+
+def instance_term(student, teacher, reduction: str = "sum", gather: bool = False) -> torch.Tensor:
+    """`instance_loss`, or under data parallelism with `gather` this rank's share of it on the global batch."""
+    _, world = _gathering(reduction, gather)
+    if world > 1:
         return _gathered_instance(student, teacher, reduction, world)
     return instance_loss(student, teacher, reduction)
 
 
 def structure_term(student, teacher, reduction: str = "sum", gather: bool = False) -> torch.Tensor:
     """`structure_loss`, or under data parallelism with `gather` this rank's share of it on the global batch."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    rank, world = _world()
-    if gather and world > 1:
+    rank, world = _gathering(reduction, gather)
+    if world > 1:
         return _gathered_structure(student, teacher, reduction, rank, world)
     return structure_loss(student, teacher, reduction)
 

@@ -32,11 +32,13 @@ CACHE_VERSION = "3"
 META_KEY = "proalign_cache"
 
 
+_digests: dict[tuple, str] = {}
+
+
 def read_sidecar_meta(handle) -> dict:
     """The metadata of an open sidecar ({} for a file of an older cache version)."""
     raw = (handle.metadata() or {}).get(META_KEY)
     return json.loads(raw) if raw else {}
-_digests: dict[tuple, str] = {}
 
 
 def shard_digest(url: str) -> str:
@@ -150,20 +152,23 @@ class EmbeddingCache:
             raise StaleCacheError(f"embedding cache ({self.dir}) is not current for {len(bad)} shard(s) ({listed}"
                                   f"{'; ...' if len(bad) > 3 else ''}): run `proalign cache`")
 
+    def _require_current(self, url: str, languages: Optional[Sequence[str]]) -> None:
+        reason = self._check(url, languages)
+        if reason is not None:
+            raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache` "
+                                  f"(cache dir {self.dir})")
+
     def shard_rows(self, url: str, languages: Optional[Sequence[str]] = None,
                    checked: bool = False) -> tuple[list[str], torch.Tensor, dict]:
         """(caption ids, float32 rows, metadata) of one shard's sidecar, only `languages` (None: all)."""
         if not checked:
-            reason = self._check(url, languages)
-            if reason is not None:
-                raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache` "
-                                      f"(cache dir {self.dir})")
+            self._require_current(url, languages)
         with safe_open(str(self.sidecar(url)), framework="pt") as f:
             meta = read_sidecar_meta(f)
             emb = f.get_tensor("embeddings").float()
         ids = json.loads(meta["ids"])
         if languages:
-            keep = [i for i, cid in enumerate(ids) if cid.split("|")[-2] in languages]
+            keep = [i for i, cid in enumerate(ids) if _language(cid) in languages]
             ids = [ids[i] for i in keep]
             emb = emb[keep] if len(keep) else emb[:0]
         return ids, emb, meta
@@ -197,15 +202,28 @@ class EmbeddingCache:
         """`load`'s extras from the sidecars' metadata alone (no rows), plus `captions`."""
         tally, captions = _Tally(), 0
         for url in expand_shards(shards):
-            reason = self._check(url, languages)
-            if reason is not None:
-                raise StaleCacheError(f"embedding cache for {url} is {reason}: run `proalign cache`")
+            self._require_current(url, languages)
             with safe_open(str(self.sidecar(url)), framework="pt") as f:
                 meta = read_sidecar_meta(f)
             ids = json.loads(meta["ids"])
-            captions += sum(cid.split("|")[-2] in languages for cid in ids) if languages else len(ids)
+            captions += sum(_language(cid) in languages for cid in ids) if languages else len(ids)
             tally.add(meta)
         return {**tally.result(), "captions": captions}
+
+
+def _language(caption_id: str) -> str:
+    return caption_id.split("|")[-2]  # ids are `key|lang|index`
+
+
+def paired_rows(llm: "EmbeddingCache", teacher: "EmbeddingCache", url: str, languages: Optional[Sequence[str]],
+                checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's (LLM rows, teacher rows) of the same captions, in the same order."""
+    ids_l, llm_rows, _ = llm.shard_rows(url, languages, checked)
+    ids_t, teacher_rows, _ = teacher.shard_rows(url, languages, checked)
+    if ids_l != ids_t:
+        raise StaleCacheError(f"{url}: the LLM and CLIP caches disagree on caption ids; rebuild them with "
+                              f"`proalign cache`")
+    return llm_rows, teacher_rows
 
 
 class _Tally:
@@ -242,20 +260,12 @@ class PairedFeatureStream(IterableDataset):
         for cache in (llm, teacher):
             cache.verify(self.urls, self.languages)
 
-    def _shard(self, url: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_l, llm, _ = self.llm.shard_rows(url, self.languages, checked=True)
-        ids_t, teacher, _ = self.teacher.shard_rows(url, self.languages, checked=True)
-        if ids_l != ids_t:
-            raise StaleCacheError(f"{url}: the LLM and CLIP caches disagree on caption ids; rebuild them with "
-                                  f"`proalign cache`")
-        return llm, teacher
-
     def _epoch(self, epoch: int) -> Iterator[dict]:
         index, count = reader_partition()
         mine, by_shard, rng = epoch_shards(self.urls, self.seed, epoch, index, count)
         buffer: list[dict] = []
         for url in mine:
-            llm, teacher = self._shard(url)
+            llm, teacher = paired_rows(self.llm, self.teacher, url, self.languages, checked=True)
             rows = list(range(len(llm))) if by_shard else list(range(index, len(llm), count))
             rng.shuffle(rows)
             for row in rows:

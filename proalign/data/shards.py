@@ -163,7 +163,7 @@ def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Option
     return (torch.stack(images) if images else torch.empty(0)), keys, metas
 
 
-def _dist_info() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -172,7 +172,7 @@ def _dist_info() -> tuple[int, int]:
 
 def reader_partition() -> tuple[int, int]:
     """(this reader's index, reader count): rank r of W and DataLoader worker k of K."""
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
     return rank * workers + worker, world * workers

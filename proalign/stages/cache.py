@@ -13,6 +13,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream
+from ..data.shards import rank_and_world
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length, count_truncated, encode_clip_text, module_fingerprint
 
@@ -52,7 +53,7 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     of the sorted list), then all ranks wait for each other; the returned counts are totals over
     ranks (`per_rank` keeps this rank's own)."""
     from ..engine import resolve_device
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     bs = cfg.embedder.batch_size
     stats: dict = {"llm": Counter(), "clip": Counter()}
     ctx, tok = context_length(model.clip), model.clip_tokenizer
@@ -92,13 +93,6 @@ def _on_device(modules, device: torch.device):
             module.to(home)
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_over_ranks(stats: dict) -> dict:
     """Every count summed over the ranks (after the last rank has written its sidecars)."""
     import torch.distributed as dist
@@ -125,7 +119,7 @@ def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
     start = time.perf_counter()
     stats = build_caches(cfg, model, progress=progress)
     stats["seconds"] = time.perf_counter() - start  # encoding and the wait for the other ranks
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if rank == 0:
         print(f"cache: {json.dumps(stats)}")
     return stats

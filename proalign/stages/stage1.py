@@ -13,6 +13,7 @@ from torch.utils.data import IterableDataset
 
 from .. import engine
 from ..config import RunConfig, Stage1Config
+from ..data.cache import paired_rows
 from ..data.shards import expand_shards
 from ..engine import StageTask
 from ..losses import Objective
@@ -69,16 +70,8 @@ def heldout_cosine(adapter: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch
 def heldout_pairs(cfg: RunConfig, model: ProCLIP):
     """() -> the eval shards' cached (LLM, teacher) rows, one shard at a time."""
     llm, teacher = llm_cache(cfg, model), teacher_cache(cfg, model)
-    languages = cfg.data.train_languages
-
-    def pairs():
-        for url in expand_shards(cfg.data.eval_shards):
-            ids_l, rows_l, _ = llm.shard_rows(url, languages)
-            ids_t, rows_t, _ = teacher.shard_rows(url, languages)
-            if ids_l != ids_t:
-                raise RuntimeError(f"{url}: LLM and CLIP caches disagree on caption ids; rebuild with `proalign cache`")
-            yield rows_l, rows_t
-    return pairs
+    return lambda: (paired_rows(llm, teacher, url, cfg.data.train_languages)
+                    for url in expand_shards(cfg.data.eval_shards))
 
 
 def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
