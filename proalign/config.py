@@ -148,7 +148,14 @@ class Stage2Config:
 
 @dataclass
 class TeacherConfig:
-    """Pre-training of a small English CLIP (the demo's stand-in for an English-centric CLIP)."""
+    """Pre-training of a small English CLIP (the demo's stand-in for an English-centric CLIP).
+    `lock_text_tower` (LiT, Zhai et al. 2022, here with the text side locked): the text tower is
+    pretrained (e.g. clip.arch.text_cfg.hf_model_name) and frozen, its caption features are cached
+    once like the LLM's, and only the image tower and the logit scale train; false trains both
+    towers from the config's initialisation."""
+    lock_text_tower: bool = False
+    # The teacher's own training shards (a CLIP's pre-training data); empty: data.train_shards.
+    train_shards: list = field(default_factory=list)
     max_logit_scale: float = 100.0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -331,6 +338,11 @@ def _check_ranges(cfg: RunConfig) -> None:
         need(train.accum_steps >= 1, f"{stage}.train.accum_steps", "must be >= 1")
         need(train.optim.lr > 0, f"{stage}.train.optim.lr", "must be > 0")
         need(len(train.optim.betas) == 2, f"{stage}.train.optim.betas", "needs two values")
+    if cfg.teacher.lock_text_tower:
+        text_cfg = (cfg.clip.arch or {}).get("text_cfg") or {}
+        need(bool(text_cfg.get("hf_model_name") or cfg.clip.pretrained or cfg.clip.checkpoint),
+             "teacher.lock_text_tower", "locks a text tower that was never trained: give clip.arch.text_cfg."
+             "hf_model_name (a pretrained transformers model), clip.pretrained or clip.checkpoint")
     need(cfg.adapter.num_blocks >= 0, "adapter.num_blocks", "must be >= 0")
     need(cfg.adapter.expansion >= 1, "adapter.expansion", "must be >= 1")
     need(0.0 <= cfg.stage2.ema_momentum <= 1.0, "stage2.ema_momentum", "must be in [0, 1]")
@@ -376,6 +388,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     for label, path in cfg.eval.models.items():
         need(isinstance(path, str) and Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
     shard_lists = [("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards),
+                   ("teacher.train_shards", cfg.teacher.train_shards),
                    ("coop.train_shards", cfg.coop.train_shards), ("coop.eval_shards", cfg.coop.eval_shards)]
     for where, ds in (("coop.train_data", cfg.coop.train_data), ("coop.eval_data", cfg.coop.eval_data)):
         if ds is not None:

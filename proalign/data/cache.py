@@ -32,6 +32,8 @@ CACHE_VERSION = "3"
 META_KEY = "proalign_cache"
 
 
+# Rows kept for texts that repeat across shards within one build (see EmbeddingCache.build).
+MEMO_BYTES = 256 * 2 ** 20
 _digests: dict[tuple, str] = {}
 
 
@@ -99,14 +101,18 @@ class EmbeddingCache:
 
     def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
               extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True,
-              rank: int = 0, world: int = 1) -> dict:
+              rank: int = 0, world: int = 1, memo_bytes: int = MEMO_BYTES) -> dict:
         """Encode every caption of this rank's shards not yet cached. Returns counts.
 
         Rank r of W takes every W-th shard of the sorted shard list, so the ranks' parts are
-        disjoint and every sidecar depends on its own shard alone: the files are byte-identical
-        to a one-process build. A text repeated within a shard is encoded once."""
+        disjoint. A text repeated within a shard is encoded once; a text repeated across this
+        rank's shards reuses its row from the first shard while it stays in a bounded memo
+        (`memo_bytes` of rows, least recently used out first; 0 turns it off). A reused row
+        equals a fresh encoding up to float rounding (other batch neighbours), so sidecars are
+        byte-identical to a one-process build when no caption text spans shards of two ranks."""
         from tqdm.auto import tqdm
         self.dir.mkdir(parents=True, exist_ok=True)
+        memo = _RowMemo(memo_bytes)
         stats: Counter = Counter()
         urls = sorted(expand_shards(shards))[rank::world]
         where = f" [rank {rank}/{world}]" if world > 1 else ""
@@ -124,8 +130,14 @@ class EmbeddingCache:
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
             unique = list(dict.fromkeys(texts))
-            rows = dict(zip(unique, encode(unique))) if unique else {}
-            stats["texts_encoded"] += len(unique)
+            rows = {t: row for t in unique if (row := memo.get(t)) is not None}
+            fresh = [t for t in unique if t not in rows]
+            if fresh:
+                rows.update(zip(fresh, encode(fresh)))
+                for text in fresh:
+                    memo.put(text, rows[text])
+            stats["texts_encoded"] += len(fresh)
+            stats["texts_reused"] += len(unique) - len(fresh)
             emb = torch.stack([rows[t] for t in texts]) if texts else torch.empty(0, 0)
             samples = len({cid.rsplit("|", 2)[0] for cid in ids})
             if skips:
@@ -209,6 +221,33 @@ class EmbeddingCache:
             captions += sum(_language(cid) in languages for cid in ids) if languages else len(ids)
             tally.add(meta)
         return {**tally.result(), "captions": captions}
+
+
+class _RowMemo:
+    """text -> encoded row across the shards of one build, bounded in bytes (LRU): at scale few
+    captions repeat across shards and the memo stays small; a demo's names repeated across drawing
+    styles and test splits are encoded once."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+        self.rows: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.max_bytes, self.bytes = max_bytes, 0
+
+    def get(self, text: str) -> Optional[torch.Tensor]:
+        row = self.rows.get(text)
+        if row is not None:
+            self.rows.move_to_end(text)
+        return row
+
+    def put(self, text: str, row: torch.Tensor) -> None:
+        size = row.numel() * row.element_size()
+        if size > self.max_bytes:
+            return
+        self.rows[text] = row.clone()  # not a view: the batch's matrix is not kept alive
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.rows.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
 
 
 def _language(caption_id: str) -> str:

