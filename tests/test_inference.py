@@ -243,8 +243,12 @@ def test_demo_search_example_queries_one_concept_in_several_languages(trained, t
                       [f"output_dir={out}", f"data.eval_shards={ROOT}/data_shards/styles-test-style-000.tar"])
     lines, (found, queries) = search_example(cfg, out)
     assert queries == len(SEARCH_LANGUAGES) and 0 <= found <= queries
-    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| language")]
+    ranks_at = next(i for i, line in enumerate(lines) if line.startswith("Rank of the drawing"))
+    rows = [line for line in lines[:ranks_at] if line.startswith("| ") and not line.startswith("| language")]
     assert len(rows) == len(SEARCH_LANGUAGES) * SEARCH_TOP_K
+    ranks = [line for line in lines[ranks_at:] if line.startswith("| ") and not line.startswith("| language")]
+    assert [r.split(" | ")[0] for r in ranks] == ["| en", *(f"| {lang}" for lang in SEARCH_LANGUAGES)]
+    assert all(1 <= int(cell) <= 2000 for r in ranks for cell in r.strip(" |").split(" | ")[2:])
     assert "**red apple**" in lines[0] and "Apfel" in "\n".join(rows)
     assert len(list((out / "search-images").glob("*.jpg"))) > 500
 

@@ -235,6 +235,7 @@ def test_deepspeed_resume_never_unpickles(tmp_path):
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the guard is scoped
 
 
+@pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
 def test_real_zero2_checkpoint_loads_under_the_guard(tmp_path):
     """What the guard allows is enough for DeepSpeed's real ZeRO-2 files."""
     import subprocess
@@ -287,7 +288,7 @@ def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr) < 5000  # no flood of repeated warnings
 
 
-def test_cache_encodes_each_text_once_per_shard_and_knows_its_languages(tmp_path):
+def test_cache_encodes_each_text_once_per_build_and_knows_its_languages(tmp_path):
     from proalign.data.cache import EmbeddingCache, StaleCacheError
     multi = [(f"s{i}.jpg", _jpeg()) for i in range(4)]
     metas = [{"captions": {"en": ["cat" if i % 2 else "dog"], "de": ["Katze" if i % 2 else "Hund"]}} for i in range(4)]
@@ -299,12 +300,16 @@ def test_cache_encodes_each_text_once_per_shard_and_knows_its_languages(tmp_path
     def encode(texts):
         seen.extend(texts)
         return torch.tensor([[float(len(t)), float(sum(map(ord, t)))] for t in texts])
+    per_shard = EmbeddingCache(tmp_path / "per-shard", "llm", "e" * 16)
+    stats = per_shard.build([str(a), str(b)], encode, ["en"], progress=False, memo_bytes=0)
+    assert sorted(seen) == ["cat", "cat", "dog", "dog"] and stats["texts_encoded"] == 4  # memo off: per shard
+    seen.clear()
     cache = EmbeddingCache(tmp_path / "cache", "llm", "e" * 16)
     stats = cache.build([str(a), str(b)], encode, ["en"], progress=False)
-    # once per shard, not once per call: a sidecar depends on its own shard alone, so a build split
-    # over ranks writes the same bytes
-    assert sorted(seen) == ["cat", "cat", "dog", "dog"] and stats["texts_encoded"] == 4
+    # the second shard's texts come from the memo, its sidecar the same as when encoded afresh
+    assert sorted(seen) == ["cat", "dog"] and stats["texts_encoded"] == 2 and stats["texts_reused"] == 2
     assert stats["captions_encoded"] == 8
+    assert per_shard.sidecar(str(b)).read_bytes() == cache.sidecar(str(b)).read_bytes()
     ids, feats, _ = cache.load([str(a), str(b)], ["en"])
     expected = ["cat" if int(cid.split("|")[0][1:]) % 2 else "dog" for cid in ids]  # ids: s<i>|en|0
     assert torch.equal(feats, encode(expected))
@@ -312,3 +317,17 @@ def test_cache_encodes_each_text_once_per_shard_and_knows_its_languages(tmp_path
         cache.load([str(a)], ["en", "de"])
     cache.build([str(a)], encode, ["en", "de"], progress=False)  # re-encoded for the wider set
     assert len(cache.load([str(a)], ["en", "de"])[0]) == 8
+
+
+def test_cache_memo_is_bounded_least_recently_used_out_first():
+    from proalign.data.cache import _RowMemo
+    memo = _RowMemo(max_bytes=3 * 4 * 4)  # three rows of four float32
+    batch = torch.arange(16, dtype=torch.float32).view(4, 4)
+    for i, text in enumerate("abc"):
+        memo.put(text, batch[i])
+    assert memo.get("a") is not None  # a is now the most recent
+    memo.put("d", batch[3])
+    assert memo.get("b") is None and memo.get("a") is not None and memo.get("d") is not None
+    assert memo.bytes == 3 * 16 and memo.get("c")._base is None  # rows are copies, not views of the batch
+    memo.put("huge", torch.zeros(100))  # larger than the whole memo: not kept
+    assert memo.get("huge") is None and memo.bytes == 3 * 16

@@ -109,6 +109,7 @@ def _launch_env(tmp_path):
     return env
 
 
+@pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
 def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path, shared_cache):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = tmp_path / "ds"
@@ -161,6 +162,7 @@ def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, shared_cac
         assert torch.equal(wa[key], wb[key]), key
 
 
+@pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
 def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(tmp_path, shared_cache):
     """Both ranks encode a disjoint share of the shards (byte-identical to the one-process cache),
     then train with DDP to identical replicas; the frozen embedder is in no checkpoint."""
