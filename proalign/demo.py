@@ -2,7 +2,7 @@
 error bars and a verdict per claim.
 
 teacher (LiT: a small ViT learns the space of the pretrained English MiniLM-L6, locked) -> stage 1
-(multilingual-e5-small, English captions only) -> stage 2 -> CoOp head, evaluated on
+(multilingual-e5-small, English captions only) -> stage 2 -> CoOp heads (the CoOp protocol), evaluated on
 (data_shards/README.md):
 - the text-only measure: a concept's name in language L against the teacher's English names;
 - test-language: the training drawings, named in 10 languages (the text side alone);
@@ -36,7 +36,6 @@ from .eval.text_transfer import text_transfer_rows
 from .models.proclip import ProCLIP
 from .models.towers import context_length
 from .stages import cache as caching
-from .stages.coop import run_coop
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
 from .stages.teacher import run_teacher
@@ -97,10 +96,10 @@ def gap_in_se(a: float, a_se: float, b: float, b_se: float) -> float:
 # Seconds per demo step with configs/demo.yaml on 2 CPU cores (docs/demo-benchmark-*.md), and the
 # config field that scales it: the ETA is these, scaled by the config and by this machine's speed.
 REFERENCE_SECONDS = {
-    "teacher CLIP": (262, ("teacher", 800)), "load embedder": (12, None), "embedding cache": (184, None),
+    "teacher CLIP": (243, ("teacher", 700)), "load embedder": (3, None), "embedding cache": (186, None),
     "decode eval images": (3, None), "text measure, before stage 1": (3, None),
-    "stage 1": (41, ("stage1", 800)), "eval stage 1": (55, None), "stage 2": (50, ("stage2", 200)),
-    "eval stage 2": (6, None), "CoOp head": (67, None), "CoOp protocol": (95, None), "search example": (5, None),
+    "stage 1": (32, ("stage1", 600)), "eval stage 1": (52, None), "stage 2": (55, ("stage2", 200)),
+    "eval stage 2": (7, None), "CoOp protocol": (95, None), "search example": (4, None),
 }
 # CoOp's protocol on the benchmark: one class per concept, shots = drawing styles (the training split
 # draws each concept in 4 styles), tested on the Twemoji drawings (a fifth style) of the same concepts.
@@ -202,16 +201,16 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
     teacher_path = out / "teacher.safetensors"
     base = [f"output_dir={out}", *(overrides or [])]
     cfg = load_config(config or DEFAULT_CONFIG, base)
-    # (step, model file, driver, label of its retrieval rows: None = no retrieval eval). The CoOp
-    # head reports its own zero-shot table; its context on the long captions cost a minute of the
-    # budget for a number no claim reads.
+    # (step, model file, driver, label of its retrieval rows). The CoOp head is shown by the CoOp
+    # protocol below (heads per shot count and seed against the hand-written prompt); a single head
+    # on all training concepts cost over a minute of the 15-minute budget for a table no claim read
+    # (`proalign coop` on the finished run trains one: README).
     stages = [("stage 1", "stage1.safetensors", run_stage1, "after stage 1"),
-              ("stage 2", "stage2.safetensors", run_stage2, "after stage 2"),
-              ("CoOp head", "coop.safetensors", run_coop, None)]
+              ("stage 2", "stage2.safetensors", run_stage2, "after stage 2")]
     reused = {"teacher CLIP": teacher_path.exists() and not resume}
     reused.update({name: (out / filename).exists() and not resume for name, filename, *_ in stages})
     names = ["teacher CLIP", "load embedder", "embedding cache", "decode eval images", "text measure, before stage 1"]
-    names += [n for name, *_, label in stages for n in ((name, f"eval {name}") if label else (name,))]
+    names += [n for name, *_ in stages for n in (name, f"eval {name}")]
     names += ["CoOp protocol", "search example"]
     timer = StepClock({n: planned_seconds(cfg, n, reused.get(n, False)) for n in names})
     total = time.time()
@@ -261,8 +260,6 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
                 print(f"      reusing {path}")
             else:
                 run_stage(cfg, resume=resume, model=model, progress=progress)
-        if label is None:
-            continue
         with timer(f"eval {name}"):
             evaluation.run(label, with_clip_text=not evaluation.rows)
             if name == "stage 1":
@@ -562,10 +559,6 @@ def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: di
                       language_table(subset, "t2i_R@1", mean_excludes=["en"]), "",
                       f"![{dataset}]({plot.name})", ""]
     parts += retrieval_sections(rows, out, split_summary, SUMMARY_COLUMNS)
-    coop = out / "coop_results.md"
-    if coop.exists():
-        parts += ["## CoOp head (zero-shot classification of the held-out concepts by language of the class names)", "",
-                  coop.read_text().split("\n", 2)[-1], "![CoOp accuracy](coop_accuracy.png)", ""]
     if protocol_lines:
         parts += protocol_lines
     if search_lines:

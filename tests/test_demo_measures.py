@@ -82,7 +82,7 @@ def test_step_clock_numbers_steps_and_scales_the_eta_by_measured_speed(monkeypat
 def test_planned_seconds_follow_the_config_and_reuse():
     from proalign.config import load_config
     from proalign.demo import DEFAULT_CONFIG, REFERENCE_SECONDS, planned_seconds
-    cfg = load_config(DEFAULT_CONFIG, ["teacher.train.steps=1600"])
+    cfg = load_config(DEFAULT_CONFIG, ["teacher.train.steps=1400"])
     assert planned_seconds(cfg, "teacher CLIP") == pytest.approx(2 * REFERENCE_SECONDS["teacher CLIP"][0])
     assert planned_seconds(cfg, "teacher CLIP", reused=True) == 0.0
     assert planned_seconds(cfg, "eval stage 1") == REFERENCE_SECONDS["eval stage 1"][0]
