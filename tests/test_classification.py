@@ -224,6 +224,32 @@ def test_coop_protocol_runs_every_shot_and_seed_then_skips_finished_runs(tiny_cf
     assert os.path.getmtime(tmp_path / "protocol" / "shots-1" / "seed-1" / "result.json") == stamp
 
 
+def test_coop_protocol_resumes_an_interrupted_run_from_its_checkpoints(tiny_cfg, model_file, coop_split, tmp_path,
+                                                                       monkeypatch):
+    """A (shots, seed) run with checkpoints but no result.json (killed mid-way) is resumed, not
+    restarted: the engine writes them under `<run>/coop/checkpoints`."""
+    import proalign.stages.coop as coop_stage
+    from proalign.stages.coop_protocol import run_dir, run_protocol
+    tiny_cfg.init_from = str(model_file)
+    tiny_cfg.output_dir = str(tmp_path / "protocol")
+    tiny_cfg.coop.epochs, tiny_cfg.coop.batch_size = 2, 4
+    tiny_cfg.coop.eval_languages = ["en"]
+    tiny_cfg.coop.train_data, tiny_cfg.coop.eval_data = _split(coop_split, "train"), _split(coop_split, "test")
+    run_protocol(tiny_cfg, shots=[1], seeds=[1], progress=False)
+    folder = run_dir(tmp_path / "protocol", 1, 1)
+    assert list((folder / "coop" / "checkpoints").glob("step-*"))
+    (folder / "result.json").unlink()  # as if killed after its last checkpoint
+    resumed = []
+    real = coop_stage.run_coop
+
+    def spy(cfg, resume=False, **kwargs):
+        resumed.append(resume)
+        return real(cfg, resume=resume, **kwargs)
+    monkeypatch.setattr(coop_stage, "run_coop", spy)
+    run_protocol(tiny_cfg, shots=[1], seeds=[1], progress=False)
+    assert resumed == [True] and (folder / "result.json").exists()
+
+
 def test_coop_base_to_new_reports_both_halves_and_their_harmonic_mean(tiny_cfg, model_file, coop_split, tmp_path):
     from proalign.stages.coop_protocol import harmonic_mean, run_protocol
     tiny_cfg.init_from = str(model_file)

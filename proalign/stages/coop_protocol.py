@@ -53,7 +53,8 @@ def run_protocol(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int], bas
     """Train and evaluate one head per (K, seed); returns the per-run results and writes
     coop_protocol.md, coop_protocol.png and coop_protocol.jsonl in `cfg.output_dir`."""
     from ..models.proclip import ProCLIP
-    from .coop import run_coop
+    from ..checkpoints import CheckpointManager
+    from .coop import CoopTask, run_coop
     if not cfg.init_from:
         raise ValueError("coop protocol: set init_from (the stage-2 model the heads start from)")
     shots, seeds = sorted(set(shots)), list(dict.fromkeys(seeds))
@@ -82,7 +83,8 @@ def run_protocol(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int], bas
                 model = ProCLIP.from_config(sub)
             elif sub.coop.train_adapter:  # the adapter trained in the last run: start from init_from again
                 model.load(sub.init_from)
-            resume = (folder / "checkpoints").is_dir()
+            # the engine checkpoints under <run>/<task name>/checkpoints
+            resume = CheckpointManager(folder / CoopTask.name).latest() is not None
             summary = run_coop(sub, resume=resume, model=model, progress=progress, classes=classes,
                                save_model=False)
             result = _result(summary)
