@@ -34,7 +34,7 @@ from .eval.report import (image_weighted_mean, image_weighted_se, language_table
                           plot_languages, retrieval_sections, with_se, write_rows)
 from .eval.text_transfer import text_transfer_rows
 from .models.proclip import ProCLIP
-from .models.towers import context_length
+from .models.towers import context_length, count_truncated
 from .stages import cache as caching
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
@@ -80,10 +80,7 @@ def long_caption_metas(metas: dict, languages: Optional[Sequence[str]] = None) -
 def names_past_the_cut(tokenizer, context: int) -> bool:
     """The teacher's tokenizer reaches the first name only after `context` tokens (its start and
     end tokens included): what the 77-token tower keeps of a long caption is the preamble alone."""
-    hf = getattr(tokenizer, "tokenizer", None)
-    if hf is None:
-        return False
-    return len(hf.encode(LONG_PREAMBLE, add_special_tokens=False)) + 2 >= context
+    return count_truncated(tokenizer, [LONG_PREAMBLE], context - 1) == 1  # the preamble alone fills the context
 
 
 def gap_in_se(a: float, a_se: float, b: float, b_se: float) -> float:
@@ -378,18 +375,17 @@ def search_example(cfg: RunConfig, out: Path) -> list[str]:
     found_at = [next((r for r, h in enumerate(f, 1) if Path(h.path).stem == key), None) for f in hits]
     found = sum(r is not None for r in found_at)
     lines += ["", f"The drawing is in the top {SEARCH_TOP_K} for {found} of {len(queries)} queries.", "",
-              *drawing_ranks(model, index, folder, key, [("en", english[key]), *queries])]
+              *drawing_ranks(model, index, key, [("en", english[key]), *queries])]
     return lines, (found, len(queries))
 
 
-def drawing_ranks(model, index, folder: Path, key: str, queries: list[tuple[str, str]]) -> list[str]:
+def drawing_ranks(model, index, key: str, queries: list[tuple[str, str]]) -> list[str]:
     """Where the concept's drawing ranks among all the images for each query, through the LLM
     tower and through the CLIP text tower (what limits a search: the text side or the image side)."""
-    import torch.nn.functional as F
     target = next((i for i, path in enumerate(index.paths) if Path(path).stem == key), None)
     if target is None:
         return []
-    images = F.normalize(index.embeddings.float(), dim=-1)
+    images = index.embeddings.float()  # unit rows, as `search` scores them
 
     def rank(query_embedding):
         scores = images @ query_embedding.float()

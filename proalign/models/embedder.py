@@ -5,6 +5,7 @@ every embedder can also run on `inputs_embeds` (needed by the CoOp prompt learne
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,22 @@ def _resolve_package_dir(name: str, field: str = "embedder.name") -> str:
     raise ConfigError(f"{field}: no model or tokenizer directory found inside package {module!r} ({root})")
 
 
+@contextlib.contextmanager
+def quiet_transformers_loads():
+    """transformers' load reports off (e.g. the unused BERT pooler reported as "missing"), and its
+    per-file load bars unless `--verbose` (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    if os.environ.get("PROALIGN_VERBOSE") != "1":
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class TextEmbedder(nn.Module):
     """Frozen text embedder. `encode` returns un-normalised pooled vectors (B, dim)."""
 
@@ -84,16 +101,8 @@ class TextEmbedder(nn.Module):
     # -------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()  # e.g. the unused BERT pooler is reported as "missing"
-        bars = hf_logging.is_progress_bar_enabled()
-        if os.environ.get("PROALIGN_VERBOSE") != "1":  # transformers' per-file load bars: `--verbose` only
-            hf_logging.disable_progress_bar()
-        try:
+        with quiet_transformers_loads():
             return cls._from_config(cfg)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
 
     @classmethod
     def _from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":

@@ -81,8 +81,9 @@ def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: 
     root = logging.getLogger()
     for notice in quiet:
         root.addFilter(notice)
+    from .embedder import quiet_transformers_loads
     try:
-        with _quiet_transformers():
+        with quiet_transformers_loads():
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 cfg.model, pretrained=cfg.pretrained, **kwargs)
     except RuntimeError as err:
@@ -101,35 +102,20 @@ def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: 
     return model, preprocess_train, preprocess_eval, tokenizer
 
 
-class _quiet_transformers:
-    """transformers' load report (the unused BERT pooler) and load bars, off unless --verbose."""
-
-    def __enter__(self):
-        import os
-        from transformers.utils import logging as hf_logging
-        self.level, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        if os.environ.get("PROALIGN_VERBOSE") != "1":
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity(self.level)
-        if self.bars:
-            hf_logging.enable_progress_bar()
+def _in_text_tower(name: str) -> bool:
+    """A CLIP weight that defines the text features: all but the image tower and the logit scale/bias."""
+    return not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
 
 
 def lock_text_tower(model) -> None:
-    """LiT: every weight outside the image tower stops training (the logit scale trains apart)."""
+    """LiT: every text-tower weight stops training (the logit scale trains apart)."""
     for name, param in model.named_parameters():
-        if not name.startswith("visual.") and name != "logit_scale":
+        if _in_text_tower(name):
             param.requires_grad_(False)
 
 
 def text_tower_state(model) -> dict:
-    """The weights that define the text features: all but the image tower and the logit scale/bias."""
-    return {k: v for k, v in model.state_dict().items()
-            if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+    return {k: v for k, v in model.state_dict().items() if _in_text_tower(k)}
 
 
 def text_tower_fingerprint(model) -> str:
@@ -173,8 +159,7 @@ def encode_clip_text(model, tokenizer, texts: Sequence[str], batch_size: int = 2
     features as at the full 77 positions, for a fraction of the compute."""
     texts = list(texts)
     pad_id = getattr(getattr(getattr(model, "text", None), "config", None), "pad_token_id", None)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if pad_id is not None else range(len(texts))
-    order = list(order)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if pad_id is not None else list(range(len(texts)))
     outs = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer([texts[i] for i in order[start:start + batch_size]])
