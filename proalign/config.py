@@ -220,6 +220,17 @@ class EvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """Model-card metadata of `save_pretrained` / `push_to_hub` / `proalign export`; carried in
+    the model file. `license`: a Hugging Face licence id (mit, apache-2.0, cc-by-4.0, other, ...)."""
+    license: Optional[str] = None
+    tags: list = field(default_factory=list)
+    # Shown as the card's title and description (empty: the model's stage and towers).
+    title: str = ""
+    description: str = ""
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -241,6 +252,7 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     coop: CoopConfig = field(default_factory=CoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -397,6 +409,8 @@ def _check_ranges(cfg: RunConfig) -> None:
             need(FORMATS[ds.format].task == "classification", f"{where}.format",
                  f"{ds.format!r} is not a classification format (imagefolder, coop-split)")
             need(Path(ds.path).exists(), f"{where}.path", f"{ds.path!r} does not exist")
+    need(all(isinstance(tag, str) and tag.strip() for tag in cfg.hub.tags), "hub.tags",
+         "must be a list of non-empty strings")
     for i, ds in enumerate(cfg.eval.datasets):
         ds.options = _format_options(ds, f"eval.datasets[{i}]")
         if ds.format == "shards":

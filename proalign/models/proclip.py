@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -36,6 +37,13 @@ CONFIG_KEY = "proalign_config"            # JSON: the config sections that defin
 LOCAL_PATHS_KEY = "proalign_local_paths"  # JSON: dotted fields stored relative to the file
 # Config fields that may name a local file or directory (hub names and `pkg:` names stay as they are).
 _PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
+# Fields a model file may not set, whatever its metadata says: they would let a downloaded file run
+# code. Only the user's own run config may turn them on.
+_RUN_CONFIG_ONLY = ("embedder.trust_remote_code",)
+# The model file's name in a Hugging Face folder.
+HUB_MODEL_FILE = "model.safetensors"
+# Model-file metadata that travels with the weights when a loaded model is saved again.
+KEPT_METADATA = ("stage", "training")
 
 
 def clip_embed_dim(clip: nn.Module) -> int:
@@ -53,7 +61,8 @@ def model_config_sections(cfg: RunConfig, file_dir: Path) -> tuple[dict, list[st
     import dataclasses
     embedder = dataclasses.asdict(cfg.embedder)
     sections = {"clip": {"model": cfg.clip.model, "arch": cfg.clip.arch}, "embedder": embedder,
-                "adapter": dataclasses.asdict(cfg.adapter), "data": {"image_size": cfg.data.image_size}}
+                "adapter": dataclasses.asdict(cfg.adapter), "data": {"image_size": cfg.data.image_size},
+                "hub": dataclasses.asdict(cfg.hub)}
     local = []
     for dotted in _PATH_FIELDS:
         section, field = dotted.split(".")
@@ -80,6 +89,11 @@ def read_model_config(path: Path) -> RunConfig:
     for dotted in local:
         section, field = dotted.split(".")
         sections[section][field] = str((path.parent / sections[section][field]).resolve())
+    for dotted in _RUN_CONFIG_ONLY:
+        section, field = dotted.split(".")
+        if isinstance(sections.get(section), dict) and sections[section].pop(field, None):
+            log.warning("%s: its stored config sets %s; ignored (a model file never runs code: set it in "
+                        "your own run config to opt in)", path, dotted)
     from ..config import ConfigError
     try:
         return config_from_dict(sections)
@@ -92,10 +106,14 @@ def _tqdm(iterable, desc: str, enabled: bool, unit: str):
     return tqdm(iterable, desc=desc, disable=not enabled, unit=unit)
 
 
-class ProCLIP(nn.Module):
+class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="https://arxiv.org/abs/2510.18795",
+              pipeline_tag="zero-shot-image-classification", tags=["clip", "multilingual", "long-context"]):
+    """`save_pretrained` / `push_to_hub` / `from_pretrained` come from huggingface_hub's mixin and
+    write or read a hub folder (proalign/models/hub.py): the model file, its config, a model card."""
+
     def __init__(self, clip: nn.Module, clip_tokenizer, embedder: Optional[TextEmbedder],
                  adapter: Optional[nn.Module], prompt: Optional[nn.Module] = None, preprocess_train=None,
-                 preprocess_eval=None, config: Optional[RunConfig] = None):
+                 preprocess_eval=None, run_config: Optional[RunConfig] = None):
         super().__init__()
         self.clip = clip
         self.clip_tokenizer = clip_tokenizer
@@ -104,7 +122,8 @@ class ProCLIP(nn.Module):
         self.prompt = prompt
         self.preprocess_train = preprocess_train
         self.preprocess_eval = preprocess_eval
-        self.config = config  # what `save` writes into the model file
+        self.config = run_config  # what `save` writes into the model file
+        self.file_metadata: dict[str, str] = {}  # KEPT_METADATA of the file this model was loaded from
 
     @classmethod
     def from_config(cls, cfg: RunConfig, embedder: Optional[TextEmbedder] = None, load_embedder: bool = True,
@@ -250,7 +269,7 @@ class ProCLIP(nn.Module):
     def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
         """A self-contained model file: the weights plus the config that rebuilds the model."""
         path = Path(path)
-        meta = dict(metadata or {})
+        meta = {**self.file_metadata, **(metadata or {})}
         if self.config is not None:
             sections, local = model_config_sections(self.config, path.parent)
             meta[CONFIG_KEY] = json.dumps(sections, sort_keys=True, ensure_ascii=False)
@@ -269,6 +288,7 @@ class ProCLIP(nn.Module):
         state = load_file(str(path))
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
+        self.file_metadata = {k: metadata[k] for k in KEPT_METADATA if k in metadata}
         parts = {"clip": self.clip, "adapter": self.adapter}
         for prefix, module in parts.items():
             sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
@@ -284,6 +304,47 @@ class ProCLIP(nn.Module):
             from .prompt import PromptLearner
             self.prompt = PromptLearner.from_state(self.embedder, prompt_state, metadata, str(path))
         return self
+
+    # ------------------------------------------------------------------ Hugging Face hub (ModelHubMixin)
+    def save_pretrained(self, save_directory: str | Path, *, results: Optional[str | Path] = None,
+                        push_to_hub: bool = False, repo_id: Optional[str] = None, **push_kwargs) -> Optional[str]:
+        """A Hugging Face model folder (proalign/models/hub.py): `model.safetensors` (this model
+        file), `config.json` (the config it carries), `README.md` (a model card; with `results`, a
+        markdown eval table, also kept as `results.md`), and the files that make the folder a
+        sentence-transformers model. `push_to_hub=True` then uploads it to `repo_id`."""
+        from .hub import write_hub_folder
+        write_hub_folder(self, Path(save_directory), results)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, results=results, **push_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        self.save_pretrained(save_directory)
+
+    def push_to_hub(self, repo_id: str, *, results: Optional[str | Path] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, commit_message: str = "Upload proalign model",
+                    **upload_kwargs) -> str:
+        """`save_pretrained` into a temporary folder, then one commit to the hub model repo `repo_id`
+        (created if missing); returns the commit's URL."""
+        from .hub import push_folder
+        return push_folder(self, repo_id, results, private=private, token=token, commit_message=commit_message,
+                           **upload_kwargs)
+
+    def generate_model_card(self, *args, **kwargs):
+        from .hub import model_card
+        return model_card(self, results=kwargs.get("results"))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: Optional[str] = None, cache_dir=None,
+                         force_download: bool = False, local_files_only: bool = False, token=None,
+                         **model_kwargs) -> "ProCLIP":
+        """`ProCLIP.from_pretrained(repo id or folder)`: the folder's model file (config keys that
+        huggingface_hub passes on as keyword arguments are already in the file)."""
+        from .hub import hub_folder
+        folder = Path(model_id) if Path(model_id).is_dir() else hub_folder(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token)
+        return cls.from_file(folder / HUB_MODEL_FILE).eval()
 
 
 def _output(out: torch.Tensor, single: bool, convert_to_numpy: bool):

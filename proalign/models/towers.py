@@ -35,6 +35,22 @@ def resolve_arch(arch: dict) -> dict:
     return {**arch, "text_cfg": text_cfg}
 
 
+def _refuse_custom_code_text_tower(arch: dict) -> None:
+    """open_clip loads a transformers text tower without saying whether code that comes with the
+    model may run (transformers then asks on a terminal): its config is read first, with no code."""
+    name = (arch.get("text_cfg") or {}).get("hf_model_name")
+    if not name:
+        return
+    from transformers import AutoConfig
+    from .embedder import quiet_transformers_loads, refuse_remote_code
+    try:
+        with quiet_transformers_loads():
+            AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except ValueError as err:
+        refuse_remote_code(err, name, "clip.arch.text_cfg.hf_model_name")
+        raise
+
+
 def has_pretrained_text_tower(cfg: ClipConfig) -> bool:
     """The text tower is a pretrained transformers model (inline arch with text_cfg.hf_model_name)."""
     return bool(cfg.arch and (cfg.arch.get("text_cfg") or {}).get("hf_model_name"))
@@ -71,7 +87,9 @@ def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: 
     `weights_follow`: the caller loads trained weights next (open_clip's random-init notice is dropped)."""
     import open_clip
     if cfg.arch is not None:
-        _register_arch(cfg.model, resolve_arch(cfg.arch))
+        arch = resolve_arch(cfg.arch)
+        _refuse_custom_code_text_tower(arch)
+        _register_arch(cfg.model, arch)
     elif cfg.model not in open_clip.list_models() and not cfg.model.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(f"clip.model: unknown open_clip model {cfg.model!r}; give clip.arch for a custom one")
     kwargs = {"force_image_size": image_size} if image_size else {}

@@ -59,6 +59,23 @@ def append_summary(cfg: RunConfig, summary: dict) -> None:
         f.write(json.dumps({"time": time.time(), **summary}, default=float) + "\n")
 
 
+def stage_metadata(cfg: RunConfig, model, stage: str, shards: Optional[list] = None) -> dict[str, str]:
+    """Model-file metadata of a finished stage: its name, and what each stage that made the model
+    trained on (the stages of the `init_from` file first); a model card reads it."""
+    facts = {"stage": stage, "train_shards": [Path(str(p)).name for p in (shards or cfg.data.train_shards)],
+             "train_languages": list(cfg.data.train_languages)}
+    train = getattr(getattr(cfg, stage, None), "train", None)
+    if train is not None:
+        facts.update(steps=train.steps, batch_size=train.batch_size, lr=train.optim.lr)
+    if stage == "coop":
+        facts.update(shots=cfg.coop.shots, epochs=cfg.coop.epochs, languages=list(cfg.coop.train_languages))
+    if cfg.clip.pretrained:
+        facts["clip_pretrained"] = f"{cfg.clip.model} {cfg.clip.pretrained}"
+    history = json.loads(getattr(model, "file_metadata", {}).get("training", "[]"))
+    history = [h for h in history if h.get("stage") != stage] + [facts]
+    return {"stage": stage, "training": json.dumps(history)}
+
+
 def write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> None:
     """Each rank records a hash of its trained weights: replicas must agree after data-parallel training."""
     folder = Path(cfg.output_dir) / "replicas"

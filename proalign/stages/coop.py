@@ -18,7 +18,7 @@ from ..engine import StageTask
 from ..models.proclip import ProCLIP
 from ..models.towers import module_fingerprint
 from ..storage import save_tensors
-from .common import append_summary, is_main
+from .common import append_summary, is_main, stage_metadata
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
     out = Path(cfg.output_dir)
     if is_main():
         if save_model:
-            model.save(out / "coop.safetensors", {"stage": "coop"})
+            shards = [c.train_data.path] if c.train_data else c.train_shards or None
+            model.save(out / "coop.safetensors", stage_metadata(cfg, model, "coop", shards))
         else:  # the protocol keeps the learned context alone (the rest is the init_from model)
             save_tensors({f"prompt.{k}": v for k, v in model.prompt.learnable_state_dict().items()},
                          out / "context.safetensors", model.prompt.describe())

@@ -20,7 +20,7 @@ from ..losses import Objective
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length
 from .cache import build_caches, llm_cache, paired_stream, teacher_cache
-from .common import StreamBatches, append_summary, is_main, write_replica_checksum
+from .common import StreamBatches, append_summary, is_main, stage_metadata, write_replica_checksum
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     write_replica_checksum(cfg, task, rank)
     after, heldout_count = heldout_cosine(model.adapter, heldout())
     if is_main():
-        model.save(Path(cfg.output_dir) / "stage1.safetensors", {"stage": "stage1"})
+        model.save(Path(cfg.output_dir) / "stage1.safetensors", stage_metadata(cfg, model, "stage1"))
     for reason, n in extra["skips"].items():
         log.warning("stage1: skipped %d training samples: %s", n, reason)
     summary = {"stage": "stage1", "train_captions": extra["captions"], "teacher_truncated": extra.get("truncated", 0),

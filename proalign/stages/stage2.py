@@ -18,7 +18,7 @@ from ..losses import Objective
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
 from .cache import build_caches, cached_llm_features, shard_text_features
-from .common import StreamBatches, append_summary, is_main, write_replica_checksum
+from .common import StreamBatches, append_summary, is_main, stage_metadata, write_replica_checksum
 
 
 class Stage2Task(StreamBatches, StageTask):
@@ -108,7 +108,7 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     write_replica_checksum(cfg, task, rank)
     after = heldout() if heldout else {}
     if is_main():
-        model.save(Path(cfg.output_dir) / "stage2.safetensors", {"stage": "stage2"})
+        model.save(Path(cfg.output_dir) / "stage2.safetensors", stage_metadata(cfg, model, "stage2"))
     summary = {"stage": "stage2", **last, **{f"before_{k}": v for k, v in before.items()},
                **{f"after_{k}": v for k, v in after.items()}}
     append_summary(cfg, summary)

@@ -22,7 +22,7 @@ from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
 from ..models.towers import lock_text_tower
 from .cache import build_caches, shard_text_features
-from .common import StreamBatches, append_summary, is_main
+from .common import StreamBatches, append_summary, is_main, stage_metadata
 
 
 class TeacherTask(StreamBatches, StageTask):
@@ -104,6 +104,6 @@ def run_teacher(cfg: RunConfig, resume: bool = False, progress: bool = True) -> 
     task.export_logit_scale(model.clip)
     path = Path(cfg.output_dir) / "teacher.safetensors"
     if is_main():
-        model.save(path, {"stage": "teacher"})
+        model.save(path, stage_metadata(cfg, model, "teacher", cfg.teacher.train_shards or None))
     append_summary(cfg, {"stage": "teacher", "text_tower": "locked" if task.locked else "trained", **last})
     return {"stage": "teacher", "path": str(path), **last}
