@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 REPO_ID = "someone/tiny-proalign"
 
@@ -98,33 +98,27 @@ def test_stage_model_files_record_what_each_stage_trained_on(tiny_cfg):
     assert f"| stage2 | {tiny_cfg.stage2.train.steps} | {tiny_cfg.stage2.train.batch_size} |" in text
 
 
-def test_hf_hub_name_loads_from_the_offline_hub_cache(trained, hub_folder, tmp_path):
+def test_hf_hub_name_loads_from_the_offline_hub_cache(trained, hub_folder, tmp_path, monkeypatch):
     """`proalign.load("hf-hub:org/name")` and `ProCLIP.from_pretrained` read huggingface_hub's own
-    cache layout with HF_HUB_OFFLINE=1 (a fresh process: the library reads its cache path there)."""
+    cache layout, offline (HF_HUB_OFFLINE=1, conftest); the cache path is the library's setting."""
+    from huggingface_hub import constants
+    import proalign
+    from proalign.errors import ProalignError
+    from proalign.models.proclip import ProCLIP
+    assert constants.HF_HUB_OFFLINE
     cache = tmp_path / "hub-cache"
     place_in_hub_cache(hub_folder, cache, REPO_ID)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
     reference = trained["model"].encode_text(trained["names"])
-    torch.save(trained["names"], tmp_path / "names.pt")
-    script = f"""
-import sys, torch, proalign
-from proalign.models.proclip import ProCLIP
-names = torch.load({str(tmp_path / 'names.pt')!r})
-model, _, _ = proalign.load("hf-hub:{REPO_ID}", device="cpu")
-again = ProCLIP.from_pretrained("{REPO_ID}")
-torch.save(torch.stack([model.encode_text(names), again.encode_text(names)]), {str(tmp_path / 'out.pt')!r})
-try:
-    proalign.load("hf-hub:someone/not-cached")
-except proalign.errors.ProalignError as err:
-    print("refused:", err)
-"""
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    import subprocess
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = torch.load(tmp_path / "out.pt")
-    assert torch.allclose(got[0], reference, atol=1e-6) and torch.allclose(got[1], reference, atol=1e-6)
-    assert "refused: hf-hub:someone/not-cached: cannot fetch it" in out.stdout
+    model, _, _ = proalign.load(f"hf-hub:{REPO_ID}", device="cpu")
+    assert torch.allclose(model.encode_text(trained["names"]), reference, atol=1e-6)
+    again = ProCLIP.from_pretrained(REPO_ID)
+    assert torch.allclose(again.encode_text(trained["names"]), reference, atol=1e-6)
+    with pytest.raises(ProalignError, match="hf-hub:someone/not-cached: cannot fetch it"):
+        proalign.load("hf-hub:someone/not-cached")
+    with pytest.raises(ProalignError, match="expected hf-hub:<org>/<name>"):
+        proalign.load("hf-hub:no-org")
 
 
 def test_push_to_hub_uploads_the_folder_as_one_commit(trained, monkeypatch, tmp_path):
@@ -157,19 +151,19 @@ def test_push_to_hub_uploads_the_folder_as_one_commit(trained, monkeypatch, tmp_
     assert (tmp_path / "uploaded" / "model.safetensors").is_file()
 
 
-def test_export_command_writes_the_runs_model_with_its_results(trained, tmp_path):
+def test_export_command_writes_the_runs_model_with_its_results(trained, tmp_path, capsys):
+    from proalign.cli import main
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     (run / "config.yaml").write_text("hub:\n  tags: [drawings]\n  title: Tiny emoji proalign\n")
     (run / "results.md").write_text("| claim | verdict |\n|---|---|\n| text | holds |\n")
-    out = run_cli(["export", "--run", str(run), "--out", str(tmp_path / "exported"), "--set", "hub.license=mit"])
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exported"), "--set", "hub.license=mit"]) == 0
     readme = (tmp_path / "exported" / "README.md").read_text()
     assert "license: mit" in readme and "- drawings" in readme and "# Tiny emoji proalign" in readme
     assert "| text | holds |" in readme
     assert (tmp_path / "exported" / "results.md").read_text() == (run / "results.md").read_text()
-    bad = run_cli(["export", "--run", str(run), "--out", str(tmp_path / "x"), "--set", "stage1.lr=1"])
-    assert bad.returncode == 2 and "export sets only the model card's fields" in bad.stderr
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "x"), "--set", "stage1.lr=1"]) == 2
+    assert "export sets only the model card's fields" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ nothing from a file runs code
@@ -232,7 +226,7 @@ def test_sentence_transformer_encodes_texts_and_images_in_one_space(trained, hub
     images = [Image.open(trained["folder"] / f"{i}.png") for i in range(3)]
     want_text, want_image = model.encode_text(trained["names"]), model.encode_image(images)
     st = as_sentence_transformer(model, device="cpu")
-    assert st.get_sentence_embedding_dimension() == 64
+    assert st.get_embedding_dimension() == 64
     assert torch.allclose(st.encode(trained["names"], convert_to_tensor=True), want_text, atol=1e-5)
     assert torch.allclose(st.encode(images, convert_to_tensor=True), want_image, atol=1e-5)
     st.save(str(tmp_path / "saved"))
@@ -361,3 +355,49 @@ def test_clip_benchmark_arguments_pair_each_model_with_a_tag():
     assert argv[argv.index("--pretrained_model") + 1:][:2] == ["runs/a,runs-a", "hf-hub:org/b,hf-hub-org-b"]
     assert argv[-2:] == ["--output", DEFAULT_OUTPUT]
     assert clip_benchmark_argv(["build", "x.json"]) == ["build", "x.json"]
+
+
+# ------------------------------------------------------------------ the README's snippets, as written
+
+def _readme_block(section: str, language: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    part = readme.split(section, 1)[1].split("\n### ", 1)[0]
+    return re.search(rf"```{language}\n(.*?)```", part, re.S).group(1)
+
+
+@pytest.fixture
+def demo_layout(trained, tmp_path, monkeypatch):
+    """The trained run where the README's snippets expect it (runs/demo, with a results.md), two
+    images beside it, as the working directory."""
+    shutil.copytree(trained["run"], tmp_path / "runs" / "demo")
+    (tmp_path / "runs" / "demo" / "results.md").write_text("| claim | verdict |\n|---|---|\n| text | holds |\n")
+    shutil.copy(trained["folder"] / "0.png", tmp_path / "cat.jpg")
+    shutil.copy(trained["folder"] / "1.png", tmp_path / "dog.png")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_readme_hub_and_sentence_transformers_snippets_run_verbatim(demo_layout, capsys):
+    for section in ("### On the Hugging Face hub", "### In sentence-transformers"):
+        exec(compile(_readme_block(section, "python"), "README.md", "exec"), {"__name__": "__main__"})
+    assert "| text | holds |" in (demo_layout / "exported" / "demo" / "README.md").read_text()
+    assert (demo_layout / "exported" / "demo-st" / "modules.json").is_file()
+    assert "corpus_id" in capsys.readouterr().out
+
+
+def test_readme_clip_benchmark_commands_run_verbatim(trained, demo_layout):
+    import shlex
+    from proalign.cli import main
+    data = demo_layout / "data"
+    _benchmark_sets(trained, data)
+    shutil.move(str(data), demo_layout / "xm3600-root")
+    shutil.move(str(demo_layout / "xm3600-root" / "wds"), demo_layout / "my-set")
+    block = _readme_block("### In clip_benchmark", "bash").replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("proalign ")]
+    assert len(commands) == 2
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    results = sorted(p.name for p in demo_layout.glob("*.json"))
+    assert results == ["crossmodal3600_runs-demo_de_zeroshot_retrieval.json",
+                       "crossmodal3600_runs-demo_en_zeroshot_retrieval.json",
+                       "my-set_runs-demo_en_zeroshot_classification.json"]

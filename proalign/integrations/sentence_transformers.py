@@ -53,7 +53,7 @@ class ProalignEncoder(InputModule):
     def max_seq_length(self) -> int:
         return self.model.embedder.max_length
 
-    def get_sentence_embedding_dimension(self) -> int:
+    def get_embedding_dimension(self) -> int:
         return clip_embed_dim(self.model.clip)
 
     def preprocess(self, inputs, prompt: Optional[str] = None, **kwargs) -> dict[str, Any]:
