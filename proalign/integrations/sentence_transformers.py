@@ -26,8 +26,8 @@ from sentence_transformers.base.modules import InputModule
 
 from ..errors import ProalignError
 from ..loading import find_model_file
-from ..models.hub import HF_HUB_PREFIX, ST_MODULE_TYPE, resolve_hub_name, write_model_files
-from ..models.proclip import HUB_MODEL_FILE, ProCLIP, clip_embed_dim
+from ..models.hub import HF_HUB_PREFIX, HUB_MODEL_FILE, ST_MODULE_TYPE, resolve_hub_name, write_model_files
+from ..models.proclip import ProCLIP, clip_embed_dim
 
 # modules.json of a proalign folder is a few hundred bytes; a larger one is not ours.
 MAX_MODULES_JSON_BYTES = 64 * 1024

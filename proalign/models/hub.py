@@ -22,10 +22,12 @@ from ..storage import atomic_write_text
 log = logging.getLogger(__name__)
 
 HF_HUB_PREFIX = "hf-hub:"
+# The model file's name in a hub folder.
+HUB_MODEL_FILE = "model.safetensors"
 # The sentence-transformers module class a hub folder names in its modules.json.
 ST_MODULE_TYPE = "proalign.integrations.sentence_transformers.ProalignEncoder"
 # What a hub folder download fetches (nothing else a repo may hold is read).
-HUB_FILES = ["model.safetensors", "config.json", "README.md", "results.md", "modules.json",
+HUB_FILES = [HUB_MODEL_FILE, "config.json", "README.md", "results.md", "modules.json",
              "config_sentence_transformers.json"]
 # A results table larger than this is not a table.
 MAX_RESULTS_BYTES = 1 << 20
@@ -187,13 +189,12 @@ def _proalign_version() -> str:
 
 def write_model_files(model, folder: Path) -> None:
     """`model.safetensors` (the model file) and `config.json` (the config it carries) in `folder`."""
-    from .proclip import HUB_MODEL_FILE, model_config_sections
     if model.config is None:
         raise ProalignError("this model carries no config (built by hand?); build it with ProCLIP.from_config "
                             "or load it from a model file")
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / HUB_MODEL_FILE)
-    sections, _ = model_config_sections(model.config, folder)
+    sections = model.stored_config(folder)
     for field in ("name", "tokenizer"):
         if _is_local(getattr(model.config.embedder, field)):
             log.warning("embedder.%s is the local folder %s: whoever loads %s needs that folder at the same "
@@ -244,7 +245,7 @@ def hub_folder(repo_id: str, revision: Optional[str] = None, **download_kwargs) 
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ProalignError(f"{HF_HUB_PREFIX}{repo_id}: cannot fetch it from the Hugging Face hub or its cache "
                             f"({first})") from None
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / HUB_MODEL_FILE).is_file():
         raise ProalignError(f"{HF_HUB_PREFIX}{repo_id}: the repository has no model.safetensors (not a proalign "
                             "model folder; write one with save_pretrained or `proalign export`)")
     return folder

@@ -40,8 +40,6 @@ _PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
 # Fields a model file may not set, whatever its metadata says: they would let a downloaded file run
 # code. Only the user's own run config may turn them on.
 _RUN_CONFIG_ONLY = ("embedder.trust_remote_code",)
-# The model file's name in a Hugging Face folder.
-HUB_MODEL_FILE = "model.safetensors"
 # Model-file metadata that travels with the weights when a loaded model is saved again.
 KEPT_METADATA = ("stage", "training")
 
@@ -266,6 +264,10 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
             out.update({f"prompt.{k}": v for k, v in self.prompt.learnable_state_dict().items()})
         return out
 
+    def stored_config(self, file_dir: Path) -> dict:
+        """The config sections a model file in `file_dir` carries (local paths relative to it)."""
+        return model_config_sections(self.config, file_dir)[0]
+
     def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
         """A self-contained model file: the weights plus the config that rebuilds the model."""
         path = Path(path)
@@ -340,7 +342,7 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
                          **model_kwargs) -> "ProCLIP":
         """`ProCLIP.from_pretrained(repo id or folder)`: the folder's model file (config keys that
         huggingface_hub passes on as keyword arguments are already in the file)."""
-        from .hub import hub_folder
+        from .hub import HUB_MODEL_FILE, hub_folder
         folder = Path(model_id) if Path(model_id).is_dir() else hub_folder(
             model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
             local_files_only=local_files_only, token=token)
