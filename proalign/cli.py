@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     search.add_argument("folder", help="folder of images (searched recursively)")
     search.add_argument("queries", nargs="+", metavar="QUERY", help="one or more text queries")
     search.add_argument("--model", required=True,
-                        help="a run folder (its coop/stage2/stage1 model file) or a .safetensors model file")
+                        help="a run folder (its coop/stage2/stage1 model file), a .safetensors model file, a "
+                             "Hugging Face model folder or hf-hub:org/name")
     search.add_argument("--top-k", type=int, default=5, help="images shown per query (default 5)")
     search.add_argument("--index", default=None,
                         help="index file (default: FOLDER/.proalign-index.safetensors)")

