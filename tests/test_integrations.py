@@ -86,11 +86,14 @@ def test_stage_model_files_record_what_each_stage_trained_on(tiny_cfg):
     model = ProCLIP.from_config(tiny_cfg)
     Path(tiny_cfg.output_dir).mkdir()
     model.save(Path(tiny_cfg.output_dir) / "stage1.safetensors", stage_metadata(tiny_cfg, model, "stage1"))
+    # stage 2 in another process (the model loads stage 1's file) or on the same object (the demo)
     again = ProCLIP.from_file(Path(tiny_cfg.output_dir) / "stage1.safetensors")
     again.save(Path(tiny_cfg.output_dir) / "stage2.safetensors", stage_metadata(tiny_cfg, again, "stage2"))
+    model.save(Path(tiny_cfg.output_dir) / "stage2-same.safetensors", stage_metadata(tiny_cfg, model, "stage2"))
     final = ProCLIP.from_file(Path(tiny_cfg.output_dir) / "stage2.safetensors")
     history = training_history(final)
     assert [h["stage"] for h in history] == ["stage1", "stage2"]
+    assert training_history(ProCLIP.from_file(Path(tiny_cfg.output_dir) / "stage2-same.safetensors")) == history
     assert history[1] == {"stage": "stage2", "train_shards": ["emoji-train-000.tar"], "train_languages": ["en"],
                           "steps": tiny_cfg.stage2.train.steps, "batch_size": tiny_cfg.stage2.train.batch_size,
                           "lr": tiny_cfg.stage2.train.optim.lr}

@@ -151,7 +151,10 @@ def model_card(model, results: Optional[str] = None, repo_id: Optional[str] = No
         data.base_model = cfg.embedder.name
     stage = model.file_metadata.get("stage", "untrained")
     clip_name = cfg.clip.model + (f" ({cfg.clip.pretrained})" if cfg.clip.pretrained else "")
-    parts = [("image tower", f"open_clip {clip_name}", _parameters(getattr(model.clip, "visual", None))),
+    image_params = _parameters(getattr(model.clip, "visual", None))
+    parts = [("image tower", f"open_clip {clip_name}", image_params),
+             ("CLIP text tower (the teacher; `encode_text_clip`)", f"open_clip {clip_name}",
+              _parameters(model.clip) - image_params),
              ("text embedder (frozen)", _embedder_source(cfg), _parameters(model.embedder)),
              ("adapter", f"MLP, {cfg.adapter.num_blocks} block(s), expansion {cfg.adapter.expansion}",
               _parameters(model.adapter))]

@@ -281,6 +281,8 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         if self.prompt is not None:
             meta.update(self.prompt.describe())
         save_tensors(self.weights(), path, meta)
+        # The model now is that file: a later stage on the same object extends its history.
+        self.file_metadata = {k: meta[k] for k in KEPT_METADATA if k in meta}
 
     def load(self, path: str | Path) -> "ProCLIP":
         """Load whichever parts (clip, adapter, prompt) the file holds."""
