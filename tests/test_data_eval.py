@@ -268,7 +268,7 @@ def test_retrieval_rejects_bad_inputs():
 
 def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
     import yaml
-    from conftest import run_cli
+    from proalign.cli import main
     from proalign.config import config_to_dict
     from proalign.models.proclip import ProCLIP
     model_file = tmp_path / "model.safetensors"
@@ -284,8 +284,7 @@ def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
         {"name": "urban1k", "format": "urban1k", "path": str(urban)}]}
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
-    proc = run_cli(["eval", "--config", str(cfg_path), "--no-progress"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["eval", "--config", str(cfg_path), "--no-progress"]) == 0
     out = Path(tiny_cfg.output_dir)
     text = (out / "results.md").read_text()
     assert "## emoji" in text and "## urban1k" in text and "CLIP text tower" in text

@@ -138,6 +138,7 @@ def _stage2_args(cache, out, *extra):
             "--set=data.max_eval_samples=30", *extra]
 
 
+@pytest.mark.slow  # two CLI processes, one killed with SIGKILL (CI runs the slow set after the default one)
 def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, shared_cache):
     import json
     from safetensors.torch import load_file
