@@ -146,8 +146,37 @@ def test_malformed_records_name_file_and_line(tmp_path):
         read_dataset("docci", docci)
     gen = _jsonl(tmp_path / "gen")
     gen.write_text(json.dumps({"image": "missing.jpg", "caption": "x"}) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"data.jsonl:1: image .*missing.jpg not found"):
+    with pytest.raises(DatasetFormatError, match=r"data.jsonl:1: image .*missing.jpg not found"):
         read_dataset("jsonl", gen)
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "sub/../../outside.jpg", "/etc/outside.jpg", ""])
+def test_eval_images_named_outside_their_dataset_root_are_refused(tmp_path, name):
+    """A dataset file names images relative to its root: `..` and absolute paths (which would read
+    any file on the machine) and empty names are refused naming file and line, even when the file
+    exists."""
+    from PIL import Image
+    (tmp_path / "outside.jpg").parent.mkdir(exist_ok=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside.jpg")
+    gen = _jsonl(tmp_path / "gen" / "deep")
+    gen.write_text(json.dumps({"image": name, "caption": "x"}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"data.jsonl:1: image name .* must be a relative path inside"):
+        read_dataset("jsonl", gen)
+    if not name:
+        return  # XM3600 names `<key>.jpg`: an empty key is the file `.jpg`, inside the root
+    root = _xm3600(tmp_path / "xm")
+    (root / "captions.jsonl").write_text(json.dumps({"image/key": name.removesuffix(".jpg"),
+                                                      "en": {"caption": ["x"]}}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"captions.jsonl:1: image name"):
+        read_dataset("xm3600", root)
+
+
+def test_coop_split_images_outside_the_root_are_refused(tmp_path):
+    from proalign.data.classification import read_coop_split
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "split_zhou_X.json").write_text(json.dumps({"test": [["../../x.jpg", 0, "cat"]]}))
+    with pytest.raises(DatasetFormatError, match=r"test\[0\]: image name '../../x.jpg' must be a relative path"):
+        read_coop_split(tmp_path / "root")
 
 
 def test_wrong_paths_and_formats_are_named(tmp_path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .readers import DatasetFormatError, register_format
+from .readers import DatasetFormatError, image_inside, register_format
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -120,10 +120,7 @@ def read_coop_split(root: str | Path, split: str = "test", split_file: Optional[
     index_of = {label: i for i, label in enumerate(labels)}
     items = []
     for i, (image, label, _) in enumerate(splits[split]):
-        file = image_root / image
-        if not file.is_file():
-            raise FileNotFoundError(f"{path}: {split}[{i}]: image {file} not found")
-        items.append((file, index_of[label]))
+        items.append((image_inside(image_root, image, f"{path}: {split}[{i}]"), index_of[label]))
     classes = [str(label) for label in labels]
     names = [{language: [_readable_name(by_label[label])]} for label in labels]
     return _with_classnames(ClassificationRecords(items, classes, names, f"{path}:{split}"), classnames, root)

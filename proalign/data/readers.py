@@ -73,10 +73,18 @@ def _field(record: dict, name: str, where: str, kind=str):
     return value
 
 
-def _image(root: Path, name: str, where: str) -> Path:
+def image_inside(root: Path, name: str, where: str) -> Path:
+    """`root / name` for an image name read from a dataset file. The name must stay inside the root
+    (no `..`, not absolute, not empty): a dataset file never opens an arbitrary file on the machine,
+    as tar members named so are skipped in shards. A missing image names the file and line."""
+    from pathlib import PurePosixPath, PureWindowsPath
+    if not name or ".." in PurePosixPath(name).parts or PurePosixPath(name).is_absolute() \
+            or PureWindowsPath(name).drive or ".." in PureWindowsPath(name).parts:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise DatasetFormatError(f"{where}: image name {shown!r} must be a relative path inside {root}")
     path = root / name
-    if not path.exists():
-        raise FileNotFoundError(f"{where}: image {path} not found")
+    if not path.is_file():
+        raise DatasetFormatError(f"{where}: image {path} not found")
     return path
 
 
@@ -142,7 +150,7 @@ def read_xm3600(root: str | Path, languages: Optional[Sequence[str]] = None) -> 
             if not isinstance(block, dict) or not isinstance(block.get("caption"), list):
                 raise DatasetFormatError(f"{where}: language {lang!r} should hold {{'caption': [...]}}")
             captions[lang] = [c for c in block["caption"] if isinstance(c, str) and c.strip()]
-        records.append(Record(key, _image(root / "images", f"{key}.jpg", where), captions))
+        records.append(Record(key, image_inside(root / "images", f"{key}.jpg", where), captions))
     return records
 
 
@@ -156,7 +164,7 @@ def read_urban1k(root: str | Path) -> list[Record]:
         text = path.read_text(encoding="utf-8").strip()
         if not text:
             raise DatasetFormatError(f"{path}: empty caption")
-        records.append(Record(path.stem, _image(image_dir, f"{path.stem}.jpg", str(path)), {"en": [text]}))
+        records.append(Record(path.stem, image_inside(image_dir, f"{path.stem}.jpg", str(path)), {"en": [text]}))
     if not records:
         raise DatasetFormatError(f"{caption_dir}: no caption/*.txt files")
     return records
@@ -182,7 +190,7 @@ def read_sharegpt4v(path: str | Path, images: Optional[str | Path] = None, limit
         if not answers or not isinstance(answers[0], str) or not answers[0].strip():
             raise DatasetFormatError(f"{where}: no 'gpt' turn with a caption")
         image = _field(row, "image", where)
-        records.append(Record(str(row.get("id", index)), _image(image_root, image, where), {"en": [answers[0].strip()]}))
+        records.append(Record(str(row.get("id", index)), image_inside(image_root, image, where), {"en": [answers[0].strip()]}))
     return records
 
 
@@ -197,7 +205,7 @@ def read_docci(root: str | Path, split: str = "test") -> list[Record]:
             continue
         key = _field(row, "example_id", where)
         text = _field(row, "description", where)
-        records.append(Record(key, _image(root / "images", _field(row, "image_file", where), where), {"en": [text]}))
+        records.append(Record(key, image_inside(root / "images", _field(row, "image_file", where), where), {"en": [text]}))
     if not records:
         raise DatasetFormatError(f"{path}: no records with split {split!r}")
     return records
@@ -221,7 +229,7 @@ def read_dci(root: str | Path) -> list[Record]:
         text = f"{short} {extra}".strip()
         if not text:
             raise DatasetFormatError(f"{where}: empty short_caption and extra_caption")
-        records.append(Record(path.stem, _image(root / "photos", _field(row, "image", where), where), {"en": [text]}))
+        records.append(Record(path.stem, image_inside(root / "photos", _field(row, "image", where), where), {"en": [text]}))
     if not records:
         raise DatasetFormatError(f"{folder}: no annotation files")
     return records
@@ -240,7 +248,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
         else:
             captions = {str(row.get("language", "en")): [_field(row, "caption", where)]}
         key = str(row.get("key", row.get("id", number)))
-        records.append(Record(key, _image(path.parent, image, where), captions))
+        records.append(Record(key, image_inside(path.parent, image, where), captions))
     return records
 
 
