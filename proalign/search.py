@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 import torch
 from safetensors import safe_open
@@ -38,8 +39,9 @@ class ImageIndex:
     skipped: dict[str, str] = field(default_factory=dict)       # unreadable files -> why
 
     def save(self, path: Path) -> None:
-        meta = {"proalign_index": "1", "tower": self.tower, "paths": json.dumps(self.paths, ensure_ascii=False),
-                "stamps": json.dumps(self.stamps, ensure_ascii=False)}
+        # ASCII JSON: a file name that is not UTF-8 (a surrogate escape in Python) round-trips
+        meta = {"proalign_index": "1", "tower": self.tower, "paths": json.dumps(self.paths),
+                "stamps": json.dumps(self.stamps)}
         save_tensors({"embeddings": self.embeddings}, path, meta)
 
     @classmethod
@@ -74,6 +76,11 @@ def image_tower_identity(model) -> str:
     return f"{module_fingerprint(model.clip.visual)}:{size}"
 
 
+def display_path(path: str | Path) -> str:
+    """A path as text that can be printed: bytes of a name that are not UTF-8 show as U+FFFD."""
+    return os.fsencode(str(path)).decode("utf-8", errors="replace")
+
+
 def _stamp(path: Path) -> list[int]:
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
@@ -96,10 +103,16 @@ def build_index(model, folder: str | Path, index_path: Optional[str | Path] = No
     paths = list_images(folder)
     if not paths:
         raise ProalignError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    stamps = {p: _stamp(folder / p) for p in paths}
+    stamps, skipped = {}, {}
+    for rel in paths:
+        try:
+            stamps[rel] = _stamp(folder / rel)
+        except OSError as err:
+            skipped[rel] = f"{display_path(folder / rel)}: {err.strerror or err}"
+            log.warning("search index: skipped %s", skipped[rel])
+    paths = [p for p in paths if p in stamps]
     todo = [p for p in paths if p not in reusable or old.stamps.get(p) != stamps[p]]
     rows = {p: reusable[p] for p in paths if p not in todo}
-    skipped: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         tensors, names = [], []
@@ -107,9 +120,10 @@ def build_index(model, folder: str | Path, index_path: Optional[str | Path] = No
             try:
                 tensors.append(model.image_tensor(folder / rel))
                 names.append(rel)
-            except ProalignError as err:
-                skipped[rel] = str(err)
-                log.warning("search index: skipped %s", err)
+            except Exception as err:  # whatever a decoder raises (bomb, truncated data, ...): a skip
+                skipped[rel] = str(err) if isinstance(err, ProalignError) else \
+                    f"{display_path(folder / rel)}: {type(err).__name__}: {err}"
+                log.warning("search index: skipped %s", skipped[rel])
         if tensors:
             feats = model.encode_image(torch.stack(tensors), batch_size=batch_size)
             rows.update(zip(names, feats))
@@ -120,7 +134,7 @@ def build_index(model, folder: str | Path, index_path: Optional[str | Path] = No
         raise ProalignError(f"{folder}: none of the {len(paths)} images could be read")
     index = ImageIndex(folder, kept, torch.stack([rows[p] for p in kept]), tower,
                        {p: stamps[p] for p in kept}, skipped)
-    counts = {"images": len(kept), "encoded": len(todo) - len(skipped), "reused": len(paths) - len(todo),
+    counts = {"images": len(kept), "encoded": len([p for p in todo if p in rows]), "reused": len(paths) - len(todo),
               "skipped": len(skipped)}
     if todo or old is None or len(old.paths) != len(kept):
         try:
@@ -150,7 +164,7 @@ def format_hits(queries: Sequence[str], hits: Sequence[Sequence[Hit]], root: Pat
     lines = []
     for query, found in zip(queries, hits):
         lines.append(f"query: {query}")
-        lines += [f"  {rank:>2}. {hit.score:+.3f}  {root / hit.path}" for rank, hit in enumerate(found, 1)]
+        lines += [f"  {rank:>2}. {hit.score:+.3f}  {display_path(root / hit.path)}" for rank, hit in enumerate(found, 1)]
     return "\n".join(lines)
 
 
@@ -165,8 +179,10 @@ def write_html(queries: Sequence[str], hits: Sequence[Sequence[Hit]], root: Path
         parts.append(f"<h2>{html.escape(query)}</h2><div>")
         for rank, hit in enumerate(found, 1):
             src = os.path.relpath((root / hit.path).resolve(), out.parent.resolve())
-            parts.append(f"<figure><img src='{html.escape(Path(src).as_posix(), quote=True)}' loading='lazy'>"
-                         f"<figcaption>{rank}. {html.escape(hit.path)}<br>{hit.score:+.3f}</figcaption></figure>")
+            url = quote(os.fsencode(Path(src).as_posix()))  # the name's own bytes, %-encoded
+            parts.append(f"<figure><img src='{html.escape(url, quote=True)}' loading='lazy'>"
+                         f"<figcaption>{rank}. {html.escape(display_path(hit.path))}<br>{hit.score:+.3f}"
+                         "</figcaption></figure>")
         parts.append("</div>")
     out.write_text("\n".join(parts), encoding="utf-8")
     return out

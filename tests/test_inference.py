@@ -219,3 +219,32 @@ def test_transformers_load_bars_only_when_verbose(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("PROALIGN_VERBOSE", "1")
     TextEmbedder.from_config(cfg)
     assert "Loading weights" in capfd.readouterr().err
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` pixels (no image data follows)."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def test_search_skips_any_undecodable_file_and_indexes_non_utf8_names(trained, tmp_path, capsys):
+    """A file that fails to decode for any reason (here PIL's decompression-bomb refusal, which is
+    not an OSError) is a counted skip naming it; a file name that is not UTF-8 is indexed, printed
+    and linked (URL-encoded) without failing the command."""
+    from proalign.search import build_index, run_search
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["folder"], folder)
+    (folder / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    odd = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(trained["folder"] / "2.png", folder / odd)
+    index, counts = build_index(trained["model"], folder, progress=False)
+    assert counts["skipped"] == 1 and "bomb.png" in index.skipped
+    assert odd in index.paths and counts["images"] == N_IMAGES + 1
+    hits = run_search(str(trained["run"]), str(folder), [trained["names"][2]], top_k=N_IMAGES + 1, device="cpu",
+                      progress=False, html_out=str(tmp_path / "hits.html"))
+    assert odd in [h.path for h in hits[0]]
+    assert "caf%E9.png" in (tmp_path / "hits.html").read_text()
+    assert "caf\ufffd.png" in capsys.readouterr().out
