@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .data.cache import tensor_digest
 from .data.classification import IMAGE_SUFFIXES
 from .errors import ProalignError
 from .storage import save_tensors
@@ -41,7 +42,7 @@ class ImageIndex:
     def save(self, path: Path) -> None:
         # ASCII JSON: a file name that is not UTF-8 (a surrogate escape in Python) round-trips
         meta = {"proalign_index": "1", "tower": self.tower, "paths": json.dumps(self.paths),
-                "stamps": json.dumps(self.stamps)}
+                "stamps": json.dumps(self.stamps), "sha256": tensor_digest(self.embeddings)}
         save_tensors({"embeddings": self.embeddings}, path, meta)
 
     @classmethod
@@ -55,6 +56,8 @@ class ImageIndex:
             if meta.get("proalign_index") != "1":
                 raise ValueError("not a proalign index")
             embeddings = load_file(str(path))["embeddings"]
+            if tensor_digest(embeddings) != meta.get("sha256"):
+                raise ValueError("its embeddings do not match the checksum written with them")
             paths = json.loads(meta["paths"])
             if len(paths) != len(embeddings):
                 raise ValueError(f"{len(paths)} paths for {len(embeddings)} embeddings")

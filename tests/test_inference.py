@@ -248,3 +248,22 @@ def test_search_skips_any_undecodable_file_and_indexes_non_utf8_names(trained, t
     assert odd in [h.path for h in hits[0]]
     assert "caf%E9.png" in (tmp_path / "hits.html").read_text()
     assert "caf\ufffd.png" in capsys.readouterr().out
+
+
+def test_corrupted_search_index_is_rebuilt_not_trusted(trained, tmp_path):
+    """Flipped bytes in the index's embeddings (the header intact) fail its checksum: every image
+    is encoded again, and scores stay cosines."""
+    from proalign.search import INDEX_NAME, build_index, search
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["folder"], folder)
+    build_index(trained["model"], folder, progress=False)
+    path = folder / INDEX_NAME
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for offset in range(start + 1, start + 200, 3):
+        data[offset] ^= 0x7F
+    path.write_bytes(bytes(data))
+    index, counts = build_index(trained["model"], folder, progress=False)
+    assert counts["encoded"] == N_IMAGES and counts["reused"] == 0
+    hits = search(trained["model"], index, trained["names"], top_k=N_IMAGES)
+    assert all(-1.0001 <= h.score <= 1.0001 for found in hits for h in found)

@@ -331,3 +331,41 @@ def test_cache_memo_is_bounded_least_recently_used_out_first():
     assert memo.bytes == 3 * 16 and memo.get("c")._base is None  # rows are copies, not views of the batch
     memo.put("huge", torch.zeros(100))  # larger than the whole memo: not kept
     assert memo.get("huge") is None and memo.bytes == 3 * 16
+
+
+def _sidecar_with_flipped_tensor_bytes(path) -> None:
+    """Flip bytes in the tensor data of a safetensors file (the header stays valid)."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    start = 8 + header
+    for offset in range(start + 4, min(len(data), start + 64), 7):
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated"])
+def test_corrupted_cache_sidecar_is_refused_in_training_and_re_encoded_by_cache(tmp_path, damage):
+    """A sidecar whose tensor bytes changed after it was written (bit rot, a bad copy) or that was
+    cut short: reading it for training raises the stale-cache error naming the file; `build`
+    (`proalign cache`) re-encodes it to the same rows."""
+    from proalign.data.cache import EmbeddingCache, StaleCacheError
+    metas = [{"captions": {"en": [f"caption number {i}"]}} for i in range(6)]
+    shard = write_shard(tmp_path / "s-000.tar", [m for i in range(6) for m in (
+        (f"s{i}.jpg", _jpeg()), (f"s{i}.json", json.dumps(metas[i]).encode()))])
+    encode = lambda texts: torch.tensor([[float(len(t)), float(sum(map(ord, t))), 1.0] for t in texts])  # noqa: E731
+    cache = EmbeddingCache(tmp_path / "cache", "llm", "fp")
+    assert cache.build([str(shard)], encode, progress=False)["shards_encoded"] == 1
+    want = cache.shard_rows(str(shard))[1].clone()  # safetensors maps the file: keep a copy
+    sidecar = cache.sidecar(str(shard))
+    if damage == "flipped_bytes":
+        _sidecar_with_flipped_tensor_bytes(sidecar)
+    else:
+        sidecar.write_bytes(sidecar.read_bytes()[: sidecar.stat().st_size // 2])
+    with pytest.raises(StaleCacheError, match=rf"{sidecar.name}.*(corrupted|unreadable)"):
+        cache.rows_by_sample(str(shard))
+    with pytest.raises(StaleCacheError, match=rf"{sidecar.name}"):
+        cache.shard_rows(str(shard))
+    again = cache.build([str(shard)], encode, progress=False)
+    assert again["shards_encoded"] == 1 and "shards_reused" not in again
+    _, got, _ = cache.shard_rows(str(shard))
+    assert torch.equal(got, want)

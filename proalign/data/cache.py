@@ -37,6 +37,12 @@ MEMO_BYTES = 256 * 2 ** 20
 _digests: dict[tuple, str] = {}
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's stored bytes (any dtype): a sidecar's rows are checked against it."""
+    raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
 def read_sidecar_meta(handle) -> dict:
     """The metadata of an open sidecar ({} for a file of an older cache version)."""
     raw = (handle.metadata() or {}).get(META_KEY)
@@ -63,7 +69,11 @@ class StaleCacheError(ProalignError, RuntimeError):
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # metadata keys every sidecar has; any other key is an extra summed by `load` (the teacher's truncations)
 _BASE_KEYS = ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips", "languages",
-              "ids", "dtype")
+              "ids", "dtype", "tensor_sha256")
+
+
+class _Unusable(Exception):
+    """A sidecar that cannot be used; the message says why and names the file."""
 
 
 class EmbeddingCache:
@@ -81,13 +91,17 @@ class EmbeddingCache:
         stem = name[:-4] if name.endswith(".tar") else name
         return self.dir / f"{stem}.safetensors"
 
-    def _check(self, url: str, languages: Optional[Sequence[str]] = None) -> Optional[str]:
-        """None if the sidecar of `url` is present, current and holds `languages` (None: all), else why not."""
+    def _check(self, url: str, languages: Optional[Sequence[str]] = None, verify_rows: bool = False) -> Optional[str]:
+        """None if the sidecar of `url` is present, readable, current and holds `languages` (None:
+        all), else why not. `verify_rows` also reads the rows and checks them against their checksum
+        (`build` does; training checks each sidecar's rows when it reads them)."""
         path = self.sidecar(url)
         if not path.exists():
             return "missing"
-        with safe_open(str(path), framework="pt") as f:
-            meta = read_sidecar_meta(f)
+        try:
+            meta, stored = self._read(path, with_rows=verify_rows)
+        except _Unusable as err:
+            return str(err)
         if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != self.fingerprint:
             return "written by another encoder version"
         if meta.get("dtype", "float32") != self.dtype:
@@ -98,6 +112,22 @@ class EmbeddingCache:
         if cached is not None and (languages is None or not set(languages) <= set(cached)):
             return f"cached for languages {cached}, not {sorted(languages) if languages else 'all'}"
         return None
+
+    @staticmethod
+    def _read(path: Path, with_rows: bool = True) -> tuple[dict, Optional[torch.Tensor]]:
+        """(metadata, stored rows or None) of a sidecar; `_Unusable` naming the file when it cannot be
+        read or its rows do not match the checksum written with them."""
+        from safetensors import SafetensorError
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = read_sidecar_meta(f)
+                stored = f.get_tensor("embeddings") if with_rows else None
+        except (SafetensorError, OSError, json.JSONDecodeError) as err:
+            raise _Unusable(f"unreadable ({path}: {err})") from None
+        expected = meta.get("tensor_sha256")
+        if stored is not None and expected is not None and tensor_digest(stored) != expected:
+            raise _Unusable(f"corrupted ({path}: its rows do not match the checksum written with them)")
+        return meta, stored
 
     def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
               extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True,
@@ -118,7 +148,7 @@ class EmbeddingCache:
         where = f" [rank {rank}/{world}]" if world > 1 else ""
         bar = tqdm(urls, desc=f"cache {self.kind}{where}", disable=not progress, unit="shard")
         for url in bar:
-            reason = self._check(url, languages)
+            reason = self._check(url, languages, verify_rows=True)
             if reason is None:
                 stats["shards_reused"] += 1
                 continue
@@ -149,7 +179,9 @@ class EmbeddingCache:
                     "ids": json.dumps(ids, ensure_ascii=False)}
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
-            save_tensors({"embeddings": emb.float().to(STORAGE_DTYPES[self.dtype])}, self.sidecar(url),
+            stored = emb.float().to(STORAGE_DTYPES[self.dtype])
+            meta["tensor_sha256"] = tensor_digest(stored)
+            save_tensors({"embeddings": stored}, self.sidecar(url),
                          {META_KEY: json.dumps(meta, sort_keys=True, ensure_ascii=False)})
             stats["shards_encoded"] += 1
             stats["captions_encoded"] += len(ids)
@@ -175,9 +207,12 @@ class EmbeddingCache:
         """(caption ids, float32 rows, metadata) of one shard's sidecar, only `languages` (None: all)."""
         if not checked:
             self._require_current(url, languages)
-        with safe_open(str(self.sidecar(url)), framework="pt") as f:
-            meta = read_sidecar_meta(f)
-            emb = f.get_tensor("embeddings").float()
+        try:
+            meta, stored = self._read(self.sidecar(url))
+        except _Unusable as err:
+            raise StaleCacheError(f"embedding cache for {url} is {err}: run `proalign cache` to re-encode it "
+                                  f"(cache dir {self.dir})") from None
+        emb = stored.float()
         ids = json.loads(meta["ids"])
         if languages:
             keep = [i for i, cid in enumerate(ids) if _language(cid) in languages]
