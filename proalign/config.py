@@ -17,6 +17,39 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
 
 
+# A config file is a page of settings; anything larger is not one.
+MAX_CONFIG_BYTES = 1 << 20
+# Values longer than this are cut in error messages.
+MAX_SHOWN_CHARS = 80
+
+
+def _short(value: Any) -> str:
+    """repr(value) for an error message, cut to MAX_SHOWN_CHARS (with the full length said)."""
+    if isinstance(value, (list, dict, tuple, set)) and len(value) > 20:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS - 20]}... ({len(text)} characters)"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: `*name` repeats a node by reference, and nested
+    repeats (an "alias bomb") expand to billions of values once walked. Configs never need them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed "
+                              "in proalign configs; write the value out")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """YAML text as Python values, with PyYAML's safe loader and no aliases (see `_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 @dataclass
 class ClipConfig:
     """open_clip model: a registered name plus `pretrained` (tag or checkpoint path),
@@ -273,7 +306,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {_short(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -281,11 +314,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected int, got {value!r}")
+            raise ConfigError(f"{where}: expected int, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -293,25 +326,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 value = float(value.strip())
             except ValueError:
-                raise ConfigError(f"{where}: expected float, got {value!r}") from None
+                raise ConfigError(f"{where}: expected float, got {_short(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected float, got {value!r}")
+            raise ConfigError(f"{where}: expected float, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_short(value)}")
         return value
     if tp is list or origin is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         if args and dataclasses.is_dataclass(args[0]):
             return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
         return list(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return dict(value)
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
@@ -462,7 +495,7 @@ def _parse_scalar(text: str) -> Any:
     if text == "":
         return ""
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         return text
     if isinstance(value, dict) and not text.lstrip().startswith("{"):
@@ -476,14 +509,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, text = item.split("=", 1)
+        try:
+            value = _parse_scalar(text)
+        except ConfigError as err:
+            raise ConfigError(f"--set {_short(item)[1:-1]}: {str(err).split(': ', 1)[1]}") from None
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is not a mapping")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = value
     return raw
+
+
+def section_from_dict(cls: type, raw: dict, where: str) -> Any:
+    """One config section (a dataclass such as HubConfig) from a mapping, validated as in a run config."""
+    return _build(cls, raw, where)
 
 
 def config_from_dict(raw: dict) -> RunConfig:
@@ -494,15 +536,38 @@ def config_from_dict(raw: dict) -> RunConfig:
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    cfg = config_from_dict(apply_overrides(raw, overrides or []))
+    _check_run_folders(cfg)
+    return cfg
+
+
+def _check_run_folders(cfg: RunConfig) -> None:
+    """`output_dir` and `data.cache_dir` are (or can become) folders this user can write: checked when
+    a run config loads, before any model is built (a model file's stored config is not a run)."""
+    import os
+    for field_name, value in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.data.cache_dir)):
+        if not value:
+            continue
+        path = Path(value)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None:
+            continue
+        if not existing.is_dir():
+            raise ConfigError(f"{field_name}: {existing} is a file, not a folder ({_short(value)})")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field_name}: {existing} is not writable by this user ({_short(value)})")
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .config import ConfigError, HubConfig, _build, apply_overrides
+from .config import ConfigError, HubConfig, apply_overrides, parse_yaml, section_from_dict
 from .errors import ProalignError
 from .loading import find_model_file
 
@@ -21,8 +21,8 @@ def run_hub_section(run: Path, overrides: Sequence[str]) -> Optional[HubConfig]:
     config = run / "config.yaml"
     if config.is_file():
         try:
-            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
+            loaded = parse_yaml(config.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{config}: not valid YAML: {err}") from None
         raw = {"hub": loaded.get("hub") or {}} if isinstance(loaded, dict) else {}
     for item in overrides:
@@ -34,7 +34,7 @@ def run_hub_section(run: Path, overrides: Sequence[str]) -> Optional[HubConfig]:
         return None
     if not isinstance(raw["hub"], dict):
         raise ConfigError(f"hub: expected a mapping, got {raw['hub']!r}"[:200])
-    return _build(HubConfig, raw["hub"], "hub")
+    return section_from_dict(HubConfig, raw["hub"], "hub")
 
 
 def export_run(run: str | Path, out: str | Path, model_file: Optional[str | Path] = None,

@@ -149,3 +149,36 @@ def test_no_random_init_notice_when_trained_weights_follow(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         ProCLIP.from_config(cfg, load_embedder=False)
     assert "initialized randomly" not in caplog.text
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A YAML alias bomb (each level repeats the one below) under a known key: refused while
+    parsing, naming the line, before anything expands."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = (ROOT / "configs" / "tiny-cpu.yaml").read_text().replace("seed: 0", "seed: *l8")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\n" + text)
+    with pytest.raises(ConfigError, match=r"bomb.yaml: line 2: YAML aliases \(\*l0\) are not allowed"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set seed=\*x: YAML aliases"):
+        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["seed=*x"])
+
+
+def test_error_messages_shorten_long_values(tmp_path):
+    raw = base()
+    raw["seed"] = "z" * 20_000
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, raw))
+    assert str(err.value).startswith("seed: expected int, got 'zzz") and len(str(err.value)) < 300
+    assert "20002 characters" in str(err.value)
+
+
+def test_output_and_cache_dirs_must_be_usable_folders(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for field in ("output_dir", "data.cache_dir"):
+        with pytest.raises(ConfigError, match=rf"{field}: .*a-file is a file, not a folder"):
+            load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file'}"])
+        with pytest.raises(ConfigError, match=rf"{field}: .*a-file is a file, not a folder"):
+            load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file' / 'run'}"])
+    load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'new' / 'run'}"])  # created later
