@@ -144,15 +144,25 @@ def _dispatch(args) -> int:
         export_run(args.run, args.out, args.model, args.results, args.set, args.push_to_hub,
                    True if args.private else None)
         return 0
+    from .runlock import run_lock
     if args.command == "demo":
         from .demo import run_demo
-        run_demo(args.output_dir, args.config, args.set, resume=args.resume, progress=progress)
+        with run_lock(args.output_dir, "proalign demo"):
+            run_demo(args.output_dir, args.config, args.set, resume=args.resume, progress=progress)
         return 0
     cfg = _load(args)  # validated before torch and the models are imported
     if args.command == "cache":
         from .stages.cache import run_cache
         run_cache(cfg, progress=progress)
-    elif args.command == "teacher":
+    else:  # one run per output folder
+        with run_lock(cfg.output_dir, f"proalign {args.command}"):
+            _run_command(args, cfg, progress)
+    print(f"{args.command} finished in {time.time() - start:.1f}s")
+    return 0
+
+
+def _run_command(args, cfg, progress: bool) -> None:
+    if args.command == "teacher":
         from .stages.teacher import run_teacher
         run_teacher(cfg, args.resume, progress=progress)
     elif args.command == "stage1":
@@ -170,8 +180,6 @@ def _dispatch(args) -> int:
     elif args.command == "eval":
         from .eval.runner import run_eval
         run_eval(cfg, progress=progress)
-    print(f"{args.command} finished in {time.time() - start:.1f}s")
-    return 0
 
 
 if __name__ == "__main__":
