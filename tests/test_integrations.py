@@ -196,7 +196,8 @@ def test_model_file_whose_embedder_needs_custom_code_runs_none(trained, tmp_path
     model_file = rewrite_stored_config(trained["run"] / "stage2.safetensors", tmp_path / "evil.safetensors",
                                        to_custom)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"embedder.name: .*custom-embedder.* needs custom code"):
+    with pytest.raises(ConfigError, match=r"evil.safetensors \(stored config\): embedder.name: .*custom-embedder.* "
+                                          r"needs custom code"):
         proalign.load(model_file, device="cpu")
     assert not marker.exists()
 

@@ -152,7 +152,11 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         cfg = read_model_config(path)
         with safe_open(str(path), "pt") as handle:
             has_adapter = any(k.startswith("adapter.") for k in handle.keys())
-        model = cls.from_config(cfg, embedder=embedder, load_embedder=has_adapter, weights_follow=True)
+        from ..config import ConfigError
+        try:
+            model = cls.from_config(cfg, embedder=embedder, load_embedder=has_adapter, weights_follow=True)
+        except ConfigError as err:  # a field of the file's stored config: name the file too
+            raise ConfigError(f"{path} (stored config): {err}") from None
         return model.load(path)
 
     @property
