@@ -193,17 +193,37 @@ def _deepspeed_config(path: str, train: TrainConfig, device: torch.device) -> di
 
 
 class JsonlLogger:
-    def __init__(self, run_dir: Path, enabled: bool, stage: str):
+    """`metrics.jsonl` (one row per logged step of each stage) and TensorBoard. A run starting at
+    `start_step` (0: fresh; a resume: its checkpoint's step) first drops this stage's rows after
+    that step, which it is about to log again: one row per step after any kills and resumes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, stage: str, start_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.stage = stage
         self.tb = None
+        if enabled and self.path.exists():
+            self._drop_rows_after(start_step)
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / "tensorboard" / stage))
             except ImportError:  # tensorboard is optional
                 log.warning("tensorboard not installed: TensorBoard events are not written")
+
+    def _drop_rows_after(self, step: int) -> None:
+        from .storage import atomic_write_text
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+        def replayed(line: str) -> bool:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return False  # not ours to judge: kept as it is
+            return isinstance(row, dict) and row.get("stage") == self.stage and row.get("step", 0) > step
+        kept = [line for line in lines if not replayed(line)]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -335,7 +355,7 @@ def _resume(run: _Run) -> None:
 def _loop(run: _Run, progress: bool) -> dict:
     from tqdm.auto import tqdm
     task, train_cfg = run.task, run.train_cfg
-    metrics_log = JsonlLogger(run.run_dir, run.is_main, task.name)
+    metrics_log = JsonlLogger(run.run_dir, run.is_main, task.name, run.start_step)
     last: dict = {}
     bar = tqdm(range(run.start_step, train_cfg.steps), initial=run.start_step, total=train_cfg.steps,
                desc=task.name, disable=not (progress and run.is_main), unit="step")

@@ -62,3 +62,24 @@ def test_cache_is_reused_and_stale_detected(tiny_cfg, tmp_path):
         raise AssertionError("stale cache was used")
     except StaleCacheError as err:
         assert "copy.tar" in str(err)
+
+
+def test_metrics_have_one_row_per_step_after_a_crash_resume_and_a_rerun(tiny_cfg):
+    """A run that died after its step-30 checkpoint had logged step 40 already: the resume replays
+    steps 31-40 and must not log step 40 twice; a fresh rerun of the stage replaces its rows."""
+    import shutil
+    from pathlib import Path
+    tiny_cfg.stage1.train.steps, tiny_cfg.stage1.train.checkpoint_every = 40, 10
+    run_stage1(tiny_cfg, progress=False)
+    checkpoints = Path(tiny_cfg.output_dir) / "stage1" / "checkpoints"
+    shutil.rmtree(checkpoints / "step-0000040")
+    (checkpoints / "latest").write_text("step-0000030")  # as if killed between steps 30 and 40
+
+    def steps():
+        rows = [json.loads(line) for line in open(f"{tiny_cfg.output_dir}/metrics.jsonl")]
+        return [r["step"] for r in rows if r["stage"] == "stage1"]
+    first = steps()
+    run_stage1(tiny_cfg, resume=True, progress=False)
+    assert steps() == first and len(first) == len(set(first))
+    run_stage1(tiny_cfg, progress=False)
+    assert steps() == first
