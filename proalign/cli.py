@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         return 2
     except ProalignError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)  # a run stopped by a signal: 128 + its number, as shells do
 
 
 def _dispatch(args) -> int:

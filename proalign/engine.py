@@ -241,6 +241,52 @@ class JsonlLogger:
             self.tb.close()
 
 
+class TrainingInterrupted(ProalignError):
+    """SIGTERM or SIGINT stopped a run after a finished step and a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM (a scheduler's notice before preemption) and SIGINT (Ctrl-C) ask the loop to stop
+    after the step in progress; a second Ctrl-C stops at once. The previous handlers come back
+    after the run. Only the main thread can take signals; elsewhere nothing is installed."""
+    import threading
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def ask_to_stop(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("%s received: finishing this step, then a checkpoint", signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_requested(received: list[int]) -> int:
+    """The signal that asked to stop (0: none); under data parallelism the ranks agree, so that all
+    of them write the checkpoint together."""
+    asked = received[0] if received else 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([asked], dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        asked = int(flag.item())
+    return asked
+
+
 def _kill_hook(step: int) -> None:
     """Test hook: PROALIGN_KILL_AT_STEP=N sends SIGKILL to this process after step N."""
     target = os.environ.get("PROALIGN_KILL_AT_STEP")
@@ -356,10 +402,16 @@ def _loop(run: _Run, progress: bool) -> dict:
     from tqdm.auto import tqdm
     task, train_cfg = run.task, run.train_cfg
     metrics_log = JsonlLogger(run.run_dir, run.is_main, task.name, run.start_step)
-    last: dict = {}
     bar = tqdm(range(run.start_step, train_cfg.steps), initial=run.start_step, total=train_cfg.steps,
                desc=task.name, disable=not (progress and run.is_main), unit="step")
     run.model.train()
+    with _stop_signals() as received:
+        return _steps(run, bar, metrics_log, received)
+
+
+def _steps(run: _Run, bar, metrics_log: "JsonlLogger", received: list[int]) -> dict:
+    task, train_cfg = run.task, run.train_cfg
+    last: dict = {}
     for step in bar:
         result = _forward_backward(run, step)
         if result is None:  # non-finite loss: skipped and counted
@@ -376,9 +428,19 @@ def _loop(run: _Run, progress: bool) -> dict:
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and run.is_main:
             _evaluate(run, metrics_log, done)
-        if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
+        saved = done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps
+        if saved:
             _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main)
         _kill_hook(done)
+        signum = _stop_requested(received)
+        if signum and done < train_cfg.steps:
+            if not saved:
+                _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main)
+            metrics_log.close()
+            bar.close()
+            raise TrainingInterrupted(
+                f"{task.name}: stopped by {signal.Signals(signum).name} after step {done}; checkpoint "
+                f"{run.ckpt.root / f'step-{done:07d}'}. Resume: the same command with --resume", signum)
     metrics_log.close()
     if run.nonfinite_run:
         # The weights that produced these losses are not trustworthy: no export, no summary.

@@ -83,3 +83,26 @@ def test_metrics_have_one_row_per_step_after_a_crash_resume_and_a_rerun(tiny_cfg
     assert steps() == first and len(first) == len(set(first))
     run_stage1(tiny_cfg, progress=False)
     assert steps() == first
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tiny_cfg, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (before preemption) mid-run: the step finishes, a checkpoint is written,
+    the command says where and how to resume and exits 128+15; the resumed run ends bitwise equal
+    to an uninterrupted one."""
+    import os
+    import signal
+    from proalign import engine
+    from proalign.cli import main
+    common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={tiny_cfg.data.cache_dir}",
+              "--set=stage1.train.steps=30", "--set=stage1.train.checkpoint_every=20"]
+    assert main(["stage1", *common, f"--set=output_dir={tmp_path / 'full'}"]) == 0
+    monkeypatch.setattr(engine, "_kill_hook", lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 13 else None)
+    assert main(["stage1", *common, f"--set=output_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stage1: stopped by SIGTERM after step 13" in err and "step-0000013" in err and "--resume" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    monkeypatch.setattr(engine, "_kill_hook", lambda step: None)
+    assert main(["stage1", *common, f"--set=output_dir={tmp_path / 'cut'}", "--resume"]) == 0
+    a = load_file(str(tmp_path / "full" / "stage1.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "stage1.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("adapter."))
