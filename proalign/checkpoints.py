@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .storage import atomic_write_text, save_tensors
+from .errors import ProalignError
+from .storage import WriteError, atomic_write_text, save_tensors
 
 log = logging.getLogger(__name__)
 _FINISHED = re.compile(r"step-\d{7}")
@@ -79,6 +80,23 @@ class CheckpointManager:
         name = f"step-{step:07d}"
         tmp = self.root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._write(tmp, step, model_tensors, optimizer, state)
+        except (OSError, WriteError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            done = self.finished()
+            reason = err.reason if isinstance(err, WriteError) else err.strerror or str(err)
+            raise ProalignError(f"checkpoint {self.root / name}: cannot write it ({reason}); the last complete "
+                                f"checkpoint is {done[-1] if done else 'none'}") from None
+        final = self.root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(self.root / "latest", name)
+        self._prune(final)
+        return final
+
+    @staticmethod
+    def _write(tmp: Path, step: int, model_tensors: dict, optimizer, state: dict) -> None:
         tmp.mkdir()
         save_tensors(model_tensors, tmp / "model.safetensors")
         if optimizer is not None:
@@ -90,12 +108,6 @@ class CheckpointManager:
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_tensors(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1, default=str))
-        final = self.root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(self.root / "latest", name)
-        self._prune(final)
-        return final
 
     def _prune(self, current: Path) -> None:
         for old in self.finished()[:-self.keep]:

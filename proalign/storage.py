@@ -8,23 +8,45 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import ProalignError
+
 log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(path, err) from None
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically (a temporary file, then a rename). A write that fails (a
+    full disk, a missing folder) removes the temporary file and names `path` in one line."""
+    from safetensors import SafetensorError
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # safetensors refuses shared storage: clone into contiguous, owned tensors.
     owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    save_file(owned, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    try:
+        save_file(owned, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(path, err) from None
+
+
+class WriteError(ProalignError):
+    """A file could not be written (a full disk, a missing folder); one line naming it."""
+
+    def __init__(self, path: Path, err: BaseException):
+        reason = " ".join((getattr(err, "strerror", None) or str(err)).split())
+        self.reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        super().__init__(f"{path}: cannot write it ({self.reason})")
 
 
 def load_module_weights(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True):

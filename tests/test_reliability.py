@@ -416,3 +416,32 @@ def test_a_stale_lock_is_taken_over_and_the_lock_is_gone_after_the_run(tmp_path)
             pass
         assert (run / LOCK_NAME).exists()
     assert not (run / LOCK_NAME).exists()
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_path_and_the_last_good_one(tmp_path, monkeypatch):
+    """The disk fills while a checkpoint is written: one error naming the checkpoint and the last
+    complete one, no temporary folder left behind; a model file that cannot be written names itself."""
+    import errno
+    from proalign import storage
+    from proalign.checkpoints import CheckpointManager
+    from proalign.errors import ProalignError
+    ckpt = CheckpointManager(tmp_path / "run")
+    weights = {"w": torch.ones(3)}
+    first = ckpt.save(10, weights, None, {})
+    real = storage.save_file
+
+    def fills_up(tensors, filename, metadata=None):
+        if "rng" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(storage, "save_file", fills_up)
+    with pytest.raises(ProalignError) as err:
+        ckpt.save(20, weights, None, {})
+    message = str(err.value)
+    assert "step-0000020" in message and "No space left on device" in message and str(first) in message
+    assert "\n" not in message
+    assert sorted(p.name for p in ckpt.root.iterdir()) == ["latest", "step-0000010"]
+    with pytest.raises(ProalignError, match=r"model.safetensors: cannot write it \(.*No space left"):
+        monkeypatch.setattr(storage, "save_file", lambda *a, **k: fills_up({}, "rng"))
+        storage.save_tensors(weights, tmp_path / "model.safetensors")
+    assert not list(tmp_path.glob(".model.safetensors.tmp*"))
