@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import OptimConfig, RunConfig, TrainConfig, save_config
+from .config import ConfigError, OptimConfig, RunConfig, TrainConfig, config_to_dict, save_config
 from .errors import ProalignError
 from .checkpoints import CheckpointManager
 
@@ -307,6 +307,8 @@ def train(task: StageTask, cfg: RunConfig, run_dir: str | Path, resume: bool = F
             log.warning("deepspeed not installed: running %s in plain torch", task.name)
             use_ds = False
     rank, world = init_distributed(device, use_ds)
+    if resume:  # before anything is written: a refused resume leaves the run folder as it was
+        check_resume_config(cfg, CheckpointManager(run_dir / task.name), task.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -321,6 +323,64 @@ def train(task: StageTask, cfg: RunConfig, run_dir: str | Path, resume: bool = F
         return _loop(run, progress)
     finally:
         torch.set_num_threads(threads)
+
+
+# --resume with a changed config: fields applied from the checkpoint on (and said), per stage; the
+# other stages' sections do not matter to this one; any other change is refused.
+_RESUME_APPLIES = ("output_dir", "device", "precision", "deterministic", "data.num_workers", "data.cache_dir",
+                   "eval.*", "hub.*", "{stage}.train.steps", "{stage}.train.optim.lr", "{stage}.train.optim.warmup_steps",
+                   "{stage}.train.log_every", "{stage}.train.checkpoint_every", "{stage}.train.eval_every",
+                   "{stage}.train.max_nonfinite_steps", "coop.lr", "coop.epochs", "coop.log_every")
+_STAGE_SECTIONS = ("teacher", "stage1", "stage2", "coop")
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, inner in value.items():
+            out.update(_flat(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def check_resume_config(cfg: RunConfig, ckpt: CheckpointManager, stage: str) -> list[str]:
+    """Compare the config a run resumes with against the one its latest checkpoint was written with:
+    changes that only steer the rest of the run (learning rate, step count, logging, ...) are
+    applied and logged; any that would change what the run computes so far (shapes, data, seeds,
+    batch size, ...) raise a ConfigError listing them. Returns the applied fields."""
+    import fnmatch
+    latest = ckpt.finished()
+    if not latest:
+        return []
+    try:
+        stored = json.loads((latest[-1] / "state.json").read_text()).get("config")
+    except (OSError, json.JSONDecodeError):
+        return []  # the resume itself reports an unreadable checkpoint
+    if not stored:
+        log.info("--resume: %s predates stored configs; changes are not checked", latest[-1])
+        return []
+    old, new = _flat(stored), _flat(json.loads(json.dumps(config_to_dict(cfg), default=str)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    others = tuple(f"{s}." for s in _STAGE_SECTIONS if s != stage)
+    applies = [p.format(stage=stage) for p in _RESUME_APPLIES]
+    applied, refused = [], []
+    for key in changed:
+        if key.startswith(others):
+            continue
+        shown = f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
+        (applied if any(fnmatch.fnmatchcase(key, p) for p in applies) else refused).append(shown)
+    if refused:
+        raise ConfigError(f"--resume: the config changed since {latest[-1]} in ways the resumed run cannot "
+                          f"take: {'; '.join(refused[:8])}{'; ...' if len(refused) > 8 else ''}. Put them back, or "
+                          "start a new run (another output_dir, or without --resume)")
+    for line in applied:
+        log.warning("--resume: %s (applied)", line)
+    return applied
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -340,6 +400,7 @@ class _Run:
     nonfinite_total: int = 0
     nonfinite_run: int = 0
     amp_dtype: Optional[torch.dtype] = None  # autocast in the plain torch/DDP path (bf16 on CUDA)
+    config: Optional[dict] = None  # the resolved run config, saved with every checkpoint
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -376,7 +437,7 @@ def _setup(task: StageTask, cfg: RunConfig, run_dir: Path, device, use_ds: bool,
     if not use_ds and device.type == "cuda" and cfg.precision in ("auto", "bf16"):
         amp = torch.bfloat16  # DeepSpeed has its own bf16 (the JSON's "bf16" section)
     return _Run(task, train_cfg, model, params, optimizer, scheduler, ds_engine, CheckpointManager(run_dir / task.name),
-                run_dir, rank == 0, amp_dtype=amp)
+                run_dir, rank == 0, amp_dtype=amp, config=config_to_dict(cfg))
 
 
 def _resume(run: _Run) -> None:
@@ -391,11 +452,22 @@ def _resume(run: _Run) -> None:
         load_deepspeed_checkpoint(run.ds_engine, latest / "deepspeed")
     else:
         run.scheduler.load_state_dict(state["scheduler"])
+    _follow_configured_schedule(run)
     random.setstate(_tuples(state["python_rng"]))
     np.random.set_state(_np_state(state["numpy_rng"]))
     run.task.load_data_state(state.get("data", {}))
     run.start_step = state["step"]
     log.info("resumed %s from %s (step %d)", run.task.name, latest, run.start_step)
+
+
+def _follow_configured_schedule(run: _Run) -> None:
+    """The learning rate of the current config (a resume may change it, or the step count): base
+    rates and the rate of the next step follow it; unchanged, this gives the rates restored."""
+    lr, scheduler = run.train_cfg.optim.lr, run.scheduler
+    scheduler.base_lrs = [lr for _ in run.optimizer.param_groups]
+    for group, factor in zip(run.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
 
 
 def _loop(run: _Run, progress: bool) -> dict:
@@ -430,12 +502,12 @@ def _steps(run: _Run, bar, metrics_log: "JsonlLogger", received: list[int]) -> d
             _evaluate(run, metrics_log, done)
         saved = done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps
         if saved:
-            _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main)
+            _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main, run.config)
         _kill_hook(done)
         signum = _stop_requested(received)
         if signum and done < train_cfg.steps:
             if not saved:
-                _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main)
+                _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main, run.config)
             metrics_log.close()
             bar.close()
             raise TrainingInterrupted(
@@ -515,14 +587,16 @@ def _evaluate(run: _Run, metrics_log: JsonlLogger, done: int) -> None:
     run.model.train()
 
 
-def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, scheduler, ds_engine, is_main: bool):
+def _save(ckpt: CheckpointManager, step: int, task: StageTask, optimizer, scheduler, ds_engine, is_main: bool,
+          config: Optional[dict] = None):
     tensors = task.training_state()
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteLossError(f"{task.name} step {step}: non-finite weights ({', '.join(bad[:5])}); the "
                                  f"checkpoint is not written, the last good one stays in {ckpt.root}")
     state = {"python_rng": random.getstate(), "numpy_rng": _np_json(np.random.get_state()),
-             "data": task.data_state(), "scheduler": scheduler.state_dict() if ds_engine is None else None}
+             "data": task.data_state(), "scheduler": scheduler.state_dict() if ds_engine is None else None,
+             "config": config}
     if ds_engine is not None:  # every rank writes its optimizer partition
         tmp = ckpt.root / f"step-{step:07d}-ds"
         ds_engine.save_checkpoint(str(tmp), tag="state")

@@ -106,3 +106,33 @@ def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tiny_cfg, 
     a = load_file(str(tmp_path / "full" / "stage1.safetensors"))
     b = load_file(str(tmp_path / "cut" / "stage1.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("adapter."))
+
+
+def test_resume_applies_a_new_learning_rate_and_refuses_a_new_batch_size(tiny_cfg, caplog):
+    """--resume with a changed config: the learning rate and the step count are applied (and said),
+    a field that changes what the run computes (batch size, adapter shape, seed, data) is refused
+    before anything is written, config.yaml included."""
+    import logging
+    from pathlib import Path
+    from proalign.config import ConfigError
+    from proalign.engine import lr_lambda
+    tiny_cfg.stage1.train.steps, tiny_cfg.stage1.train.checkpoint_every = 20, 10
+    run_stage1(tiny_cfg, progress=False)
+    config_yaml = Path(tiny_cfg.output_dir) / "config.yaml"
+    written = config_yaml.read_bytes()
+    for field, value in (("batch_size", 32), ("seed", 5)):
+        changed = __import__("copy").deepcopy(tiny_cfg)
+        if field == "seed":
+            changed.seed = value
+        else:
+            changed.stage1.train.batch_size = value
+        with pytest.raises(ConfigError, match=rf"--resume: .*{'seed: 0 -> 5' if field == 'seed' else 'stage1.train.batch_size: 64 -> 32'}"):
+            run_stage1(changed, resume=True, progress=False)
+        assert config_yaml.read_bytes() == written
+    tiny_cfg.stage1.train.steps, tiny_cfg.stage1.train.optim.lr = 30, 0.004
+    with caplog.at_level(logging.WARNING):
+        run_stage1(tiny_cfg, resume=True, progress=False)
+    assert "stage1.train.optim.lr: 0.002 -> 0.004 (applied)" in caplog.text
+    rows = [json.loads(line) for line in open(f"{tiny_cfg.output_dir}/metrics.jsonl")]
+    lr_at_30 = next(r["lr"] for r in rows if r["stage"] == "stage1" and r["step"] == 30)
+    assert lr_at_30 == pytest.approx(0.004 * lr_lambda(tiny_cfg.stage1.train.optim, 30)(30))
