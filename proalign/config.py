@@ -59,6 +59,9 @@ class ClipConfig:
     arch: Optional[dict] = None
     # Which CLIP weights act as the teacher/start point: a safetensors file written by proalign.
     checkpoint: Optional[str] = None
+    # An inline `arch` is sized (on the meta device, no memory) before it is built: larger than this
+    # is refused. A model file cannot raise it; only a run config can.
+    max_build_gb: float = 16.0
 
 
 @dataclass
@@ -97,6 +100,8 @@ class EmbedderConfig:
     padding_side: Optional[Literal["left", "right"]] = None
     # Recompute the embedder's layers in backward when the CoOp head trains through it.
     gradient_checkpointing: bool = False
+    # A `random` embedder's `arch` is sized before it is built (as for clip.max_build_gb).
+    max_build_gb: float = 16.0
 
 
 @dataclass
@@ -392,6 +397,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.adapter.expansion >= 1, "adapter.expansion", "must be >= 1")
     need(0.0 <= cfg.stage2.ema_momentum <= 1.0, "stage2.ema_momentum", "must be in [0, 1]")
     need(cfg.embedder.max_length > 2, "embedder.max_length", "must be > 2")
+    need(cfg.clip.max_build_gb > 0, "clip.max_build_gb", "must be > 0")
+    need(cfg.embedder.max_build_gb > 0, "embedder.max_build_gb", "must be > 0")
     need(cfg.coop.prompt.n_ctx >= 0, "coop.prompt.n_ctx", "must be >= 0")
     need(cfg.coop.shots > 0, "coop.shots", "must be > 0")
     need(cfg.coop.epochs > 0, "coop.epochs", "must be > 0")

@@ -406,3 +406,26 @@ def test_readme_clip_benchmark_commands_run_verbatim(trained, demo_layout):
     assert results == ["crossmodal3600_runs-demo_de_zeroshot_retrieval.json",
                        "crossmodal3600_runs-demo_en_zeroshot_retrieval.json",
                        "my-set_runs-demo_en_zeroshot_classification.json"]
+
+
+def test_architectures_from_files_are_sized_before_they_are_built(trained, tmp_path):
+    """An embedder or CLIP architecture of hundreds of GB, from a model file or a run config, is
+    counted on the meta device (no memory) and refused naming the file, the field and the size;
+    the file cannot raise the limit itself."""
+    from proalign.config import ConfigError, load_config
+    from proalign.models.proclip import ProCLIP
+    import proalign
+
+    def huge_embedder(sections):
+        sections["embedder"]["arch"] = {"hidden_size": 16384, "num_hidden_layers": 200, "num_attention_heads": 128,
+                                        "intermediate_size": 65536, "max_position_embeddings": 128}
+        sections["embedder"]["max_build_gb"] = 1e9
+    bomb = rewrite_stored_config(trained["run"] / "stage2.safetensors", tmp_path / "bomb.safetensors", huge_embedder)
+    with pytest.raises(ConfigError, match=r"bomb.safetensors \(stored config\): embedder.arch: .* parameters "
+                                          r"\([\d,.]+ GB as float32\), over embedder.max_build_gb \(16"):
+        proalign.load(bomb, device="cpu")
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'run'}",
+                                                           "clip.arch.vision_cfg.width=16384",
+                                                           "clip.arch.vision_cfg.layers=200"])
+    with pytest.raises(ConfigError, match=r"clip.arch: .* parameters \([\d,.]+ GB as float32\), over clip.max_build_gb"):
+        ProCLIP.from_config(cfg)

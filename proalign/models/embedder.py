@@ -78,6 +78,18 @@ def _resolve_package_dir(name: str, field: str = "embedder.name") -> str:
     raise ConfigError(f"{field}: no model or tokenizer directory found inside package {module!r} ({root})")
 
 
+def refuse_oversized(build, dtype: torch.dtype, limit_gb: float, field: str, limit_field: str) -> None:
+    """Build the module on the meta device (shapes only, no memory) and refuse it when its weights
+    would take more than `limit_gb`: an architecture from a file is sized before it is allocated."""
+    with torch.device("meta"):
+        module = build()
+    count = sum(p.numel() for p in module.parameters())
+    size_gb = count * torch.empty((), dtype=dtype).element_size() / 1e9
+    if size_gb > limit_gb:
+        raise ConfigError(f"{field}: {count:,} parameters ({size_gb:,.1f} GB as {str(dtype).removeprefix('torch.')}), "
+                          f"over {limit_field} ({limit_gb:g} GB); raise it in your run config if you mean it")
+
+
 def refuse_remote_code(err: Exception, name: str, field: str) -> None:
     """transformers asks for `trust_remote_code` when a model's config maps to code shipped with the
     model (`auto_map`): proalign never runs such code, so that request becomes a config error."""
@@ -150,7 +162,10 @@ class TextEmbedder(nn.Module):
             tokenizer = _load_tokenizer(cfg.tokenizer, "embedder.tokenizer")
             arch.setdefault("vocab_size", len(tokenizer))
             torch.manual_seed(arch.pop("seed", 0))
-            model = AutoModel.from_config(AutoConfig.for_model(model_type, **arch), **load_kwargs)
+            config = AutoConfig.for_model(model_type, **arch)
+            refuse_oversized(lambda: AutoModel.from_config(config), dtype, cfg.max_build_gb, "embedder.arch",
+                             "embedder.max_build_gb")
+            model = AutoModel.from_config(config, **load_kwargs)
             ident = json.dumps({"random": cfg.arch, "tok": cfg.tokenizer}, sort_keys=True)
         else:
             name = cfg.name

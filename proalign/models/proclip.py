@@ -39,7 +39,7 @@ LOCAL_PATHS_KEY = "proalign_local_paths"  # JSON: dotted fields stored relative 
 _PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
 # Fields a model file may not set, whatever its metadata says: they would let a downloaded file run
 # code. Only the user's own run config may turn them on.
-_RUN_CONFIG_ONLY = ("embedder.trust_remote_code",)
+_RUN_CONFIG_ONLY = ("embedder.trust_remote_code", "embedder.max_build_gb")
 # Model-file metadata that travels with the weights when a loaded model is saved again.
 KEPT_METADATA = ("stage", "training")
 
@@ -57,7 +57,7 @@ def model_config_sections(cfg: RunConfig, file_dir: Path) -> tuple[dict, list[st
     """The config sections that define a model, ready to store in its file: CLIP weights travel
     in the file (so no `pretrained`/`checkpoint`), local paths become relative to `file_dir`."""
     import dataclasses
-    embedder = dataclasses.asdict(cfg.embedder)
+    embedder = {k: v for k, v in dataclasses.asdict(cfg.embedder).items() if k != "max_build_gb"}
     sections = {"clip": {"model": cfg.clip.model, "arch": cfg.clip.arch}, "embedder": embedder,
                 "adapter": dataclasses.asdict(cfg.adapter), "data": {"image_size": cfg.data.image_size},
                 "hub": dataclasses.asdict(cfg.hub)}

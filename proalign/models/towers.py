@@ -82,6 +82,28 @@ class _DropPartialInitNotice(logging.Filter):
         return "initialized partially" not in record.getMessage()
 
 
+# A stand-in for a transformers text tower while an architecture is sized: its weights are on disk
+# (sized as they are); what the arch's own numbers build is what is counted.
+_SIZING_TEXT_CFG = {"context_length": 77, "vocab_size": 8, "width": 8, "heads": 1, "layers": 1}
+
+
+def _refuse_oversized_arch(cfg: ClipConfig, kwargs: dict) -> None:
+    """Count an inline architecture's parameters on the meta device (no memory) before building it."""
+    import open_clip
+    from .embedder import refuse_oversized
+    name = cfg.model
+    if has_pretrained_text_tower(cfg):
+        name = f"{cfg.model}-sizing"
+        _register_arch(name, {**cfg.arch, "text_cfg": _SIZING_TEXT_CFG})
+    root, notice = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(notice)
+    try:
+        refuse_oversized(lambda: open_clip.create_model(name, device="meta", **kwargs), torch.float32,
+                         cfg.max_build_gb, "clip.arch", "clip.max_build_gb")
+    finally:
+        root.removeFilter(notice)
+
+
 def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: bool = False):
     """Return (model, preprocess_train, preprocess_eval, tokenizer) for the configured CLIP.
     `weights_follow`: the caller loads trained weights next (open_clip's random-init notice is dropped)."""
@@ -101,6 +123,8 @@ def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: 
         root.addFilter(notice)
     from .embedder import quiet_transformers_loads
     try:
+        if cfg.arch is not None:
+            _refuse_oversized_arch(cfg, kwargs)
         with quiet_transformers_loads():
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 cfg.model, pretrained=cfg.pretrained, **kwargs)
