@@ -429,3 +429,23 @@ def test_architectures_from_files_are_sized_before_they_are_built(trained, tmp_p
                                                            "clip.arch.vision_cfg.layers=200"])
     with pytest.raises(ConfigError, match=r"clip.arch: .* parameters \([\d,.]+ GB as float32\), over clip.max_build_gb"):
         ProCLIP.from_config(cfg)
+
+
+def test_a_model_file_refuses_an_embedder_other_than_the_one_it_was_trained_with(trained, tmp_path, caplog):
+    """The model file records what its embedder computes with (architecture and a sample of its
+    weights, not where it was loaded from). Another embedder (here: same shape, other weights) is
+    refused by load, eval, search and init_from alike, unless the caller overrides it explicitly."""
+    import logging
+    import proalign
+    from proalign.errors import ProalignError
+    from proalign.models.proclip import ProCLIP
+    other = rewrite_stored_config(trained["run"] / "stage2.safetensors", tmp_path / "other.safetensors",
+                                  lambda s: s["embedder"]["arch"].update(seed=1))
+    with pytest.raises(ProalignError, match=r"other.safetensors: its adapter was trained on another embedder"):
+        proalign.load(other, device="cpu")
+    with caplog.at_level(logging.WARNING):
+        model = ProCLIP.from_file(other, allow_embedder_mismatch=True)
+    assert "another embedder" in caplog.text and model.adapter is not None
+    with pytest.raises(ProalignError, match="stage2.safetensors: its adapter was trained on another embedder"):
+        model.load(trained["run"] / "stage2.safetensors")  # init_from goes through load
+    ProCLIP.from_file(trained["run"] / "stage2.safetensors")  # the same embedder, found elsewhere: no complaint

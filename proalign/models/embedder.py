@@ -228,6 +228,19 @@ class TextEmbedder(nn.Module):
         blob = json.dumps(facts)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def weights_fingerprint(self) -> str:
+        """What the embedder computes with, wherever it was loaded from (a hub name, a folder, a
+        package on another machine): its class, width, parameter count, pooling, prefixes and
+        max length, and a sample of its weights (the first values of its first and last three
+        tensors, rounded to bfloat16 so that a float32 and a bfloat16 load of one model agree)."""
+        named = [(n, p) for n, p in self.named_parameters()]
+        digest = hashlib.sha256(json.dumps([type(self.model).__name__, self.dim, sum(p.numel() for _, p in named),
+                                            self.pooling, self.prefixes, self.text_role, self.max_length]).encode())
+        for name, tensor in named[:3] + named[-3:]:
+            sample = tensor.detach().reshape(-1)[:4096].to(torch.bfloat16).float().cpu()
+            digest.update(name.encode() + sample.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def train(self, mode: bool = True):  # frozen: always eval (no dropout)
         super().train(False)
         self._arm_checkpointing()

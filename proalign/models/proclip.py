@@ -40,6 +40,8 @@ _PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
 # Fields a model file may not set, whatever its metadata says: they would let a downloaded file run
 # code. Only the user's own run config may turn them on.
 _RUN_CONFIG_ONLY = ("embedder.trust_remote_code", "embedder.max_build_gb")
+# What the embedder computed with when the adapter was trained (TextEmbedder.weights_fingerprint).
+EMBEDDER_WEIGHTS_KEY = "embedder_weights"
 # Model-file metadata that travels with the weights when a loaded model is saved again.
 KEPT_METADATA = ("stage", "training")
 
@@ -142,8 +144,10 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         return model
 
     @classmethod
-    def from_file(cls, path: str | Path, embedder: Optional[TextEmbedder] = None) -> "ProCLIP":
-        """Rebuild a model from its file alone (config from the file's metadata, then its weights)."""
+    def from_file(cls, path: str | Path, embedder: Optional[TextEmbedder] = None,
+                  allow_embedder_mismatch: bool = False) -> "ProCLIP":
+        """Rebuild a model from its file alone (config from the file's metadata, then its weights).
+        The embedder built must be the one the adapter was trained on (see `load`)."""
         path = Path(path)
         if not path.is_file():
             raise ProalignError(f"model file {path} does not exist")
@@ -157,7 +161,7 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
             model = cls.from_config(cfg, embedder=embedder, load_embedder=has_adapter, weights_follow=True)
         except ConfigError as err:  # a field of the file's stored config: name the file too
             raise ConfigError(f"{path} (stored config): {err}") from None
-        return model.load(path)
+        return model.load(path, allow_embedder_mismatch)
 
     @property
     def device(self) -> torch.device:
@@ -282,20 +286,24 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
             meta[LOCAL_PATHS_KEY] = json.dumps(local)
         if self.embedder is not None:
             meta["embedder"] = self.embedder.fingerprint()
+            meta[EMBEDDER_WEIGHTS_KEY] = self.embedder.weights_fingerprint()
         if self.prompt is not None:
             meta.update(self.prompt.describe())
         save_tensors(self.weights(), path, meta)
         # The model now is that file: a later stage on the same object extends its history.
         self.file_metadata = {k: meta[k] for k in KEPT_METADATA if k in meta}
 
-    def load(self, path: str | Path) -> "ProCLIP":
-        """Load whichever parts (clip, adapter, prompt) the file holds."""
+    def load(self, path: str | Path, allow_embedder_mismatch: bool = False) -> "ProCLIP":
+        """Load whichever parts (clip, adapter, prompt) the file holds. An adapter trained on another
+        embedder than this model's is refused (`allow_embedder_mismatch=True`: loaded, with a warning)."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: proalign model files are .safetensors")
         state = load_file(str(path))
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
+        if self.embedder is not None and any(k.startswith("adapter.") for k in state):
+            self._check_embedder(path, metadata.get(EMBEDDER_WEIGHTS_KEY), allow_embedder_mismatch)
         self.file_metadata = {k: metadata[k] for k in KEPT_METADATA if k in metadata}
         parts = {"clip": self.clip, "adapter": self.adapter}
         for prefix, module in parts.items():
@@ -312,6 +320,20 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
             from .prompt import PromptLearner
             self.prompt = PromptLearner.from_state(self.embedder, prompt_state, metadata, str(path))
         return self
+
+    def _check_embedder(self, path: Path, recorded: Optional[str], allow: bool) -> None:
+        if recorded is None:
+            log.info("%s records no embedder fingerprint (an older file): not checked", path)
+            return
+        built = self.embedder.weights_fingerprint()
+        if built == recorded:
+            return
+        message = (f"{path}: its adapter was trained on another embedder (fingerprint {recorded}) than the one built "
+                   f"here from {self.embedder.identity!r} ({built}): other weights, architecture, pooling, prefix or "
+                   "max length. Its text embeddings would be silently wrong")
+        if not allow:
+            raise ProalignError(message + "; load the embedder it names, or pass allow_embedder_mismatch=True")
+        log.warning("%s (allow_embedder_mismatch=True)", message)
 
     # ------------------------------------------------------------------ Hugging Face hub (ModelHubMixin)
     def save_pretrained(self, save_directory: str | Path, *, results: Optional[str | Path] = None,
