@@ -484,7 +484,19 @@ def _loop(run: _Run, progress: bool) -> dict:
 def _steps(run: _Run, bar, metrics_log: "JsonlLogger", received: list[int]) -> dict:
     task, train_cfg = run.task, run.train_cfg
     last: dict = {}
+    last_saved = run.start_step
     for step in bar:
+        # checked before every step, on every rank alike (a skipped non-finite step included)
+        signum = _stop_requested(received)
+        if signum:
+            if step > last_saved:
+                _save(run.ckpt, step, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main, run.config)
+            metrics_log.close()
+            bar.close()
+            where = (f"checkpoint {run.ckpt.root / f'step-{step:07d}'}. Resume: the same command with --resume"
+                     if step else "nothing to resume from yet")
+            raise TrainingInterrupted(f"{task.name}: stopped by {signal.Signals(signum).name} after step {step}; "
+                                      f"{where}", signum)
         result = _forward_backward(run, step)
         if result is None:  # non-finite loss: skipped and counted
             continue
@@ -500,19 +512,10 @@ def _steps(run: _Run, bar, metrics_log: "JsonlLogger", received: list[int]) -> d
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and run.is_main:
             _evaluate(run, metrics_log, done)
-        saved = done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps
-        if saved:
+        if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
             _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main, run.config)
+            last_saved = done
         _kill_hook(done)
-        signum = _stop_requested(received)
-        if signum and done < train_cfg.steps:
-            if not saved:
-                _save(run.ckpt, done, task, run.optimizer, run.scheduler, run.ds_engine, run.is_main, run.config)
-            metrics_log.close()
-            bar.close()
-            raise TrainingInterrupted(
-                f"{task.name}: stopped by {signal.Signals(signum).name} after step {done}; checkpoint "
-                f"{run.ckpt.root / f'step-{done:07d}'}. Resume: the same command with --resume", signum)
     metrics_log.close()
     if run.nonfinite_run:
         # The weights that produced these losses are not trustworthy: no export, no summary.
