@@ -449,3 +449,21 @@ def test_a_model_file_refuses_an_embedder_other_than_the_one_it_was_trained_with
     with pytest.raises(ProalignError, match="stage2.safetensors: its adapter was trained on another embedder"):
         model.load(trained["run"] / "stage2.safetensors")  # init_from goes through load
     ProCLIP.from_file(trained["run"] / "stage2.safetensors")  # the same embedder, found elsewhere: no complaint
+
+
+def test_the_embedder_check_ignores_weights_the_embedder_never_uses(trained, tmp_path):
+    """A checkpoint without some of its architecture's weights (BERT's pooler, which mean pooling
+    never uses) gets them freshly random at every load: the same embedder must still be recognised."""
+    from safetensors.torch import load_file, save_file
+    from proalign.models.proclip import ProCLIP
+    folder = tmp_path / "bert-without-pooler"
+    trained["model"].embedder.model.save_pretrained(folder)
+    trained["model"].embedder.tokenizer.save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    local = rewrite_stored_config(trained["run"] / "stage2.safetensors", tmp_path / "m.safetensors", lambda s: s[
+        "embedder"].update(source="transformers", name=str(folder), tokenizer=None, arch=None))
+    first = ProCLIP.from_file(local, allow_embedder_mismatch=True)
+    first.save(tmp_path / "again.safetensors")
+    ProCLIP.from_file(tmp_path / "again.safetensors")  # a second load: other random pooler weights

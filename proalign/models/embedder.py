@@ -114,6 +114,22 @@ def quiet_transformers_loads():
             hf_logging.enable_progress_bar()
 
 
+# Texts whose embeddings identify an embedder (`TextEmbedder.probe`): scripts and lengths differ.
+PROBE_TEXTS = ["a photo of a cat on a red sofa", "eine Katze schläft auf dem Sofa", "一只猫在沙发上睡觉",
+               "proalign embedder probe 12345"]
+# Probes this close (cosine, each text) are the same embedder (float32 vs bfloat16, CPU vs GPU).
+PROBE_MIN_COSINE = 0.99
+
+
+def same_embedder(recorded: list[float], built: list[float]) -> bool:
+    """Whether two probes (TextEmbedder.probe) come from the same embedder."""
+    if len(recorded) != len(built) or not built:
+        return False
+    a = torch.tensor(recorded).view(len(PROBE_TEXTS), -1)
+    b = torch.tensor(built).view(len(PROBE_TEXTS), -1)
+    return bool((torch.nn.functional.cosine_similarity(a, b, dim=-1) >= PROBE_MIN_COSINE).all())
+
+
 class TextEmbedder(nn.Module):
     """Frozen text embedder. `encode` returns un-normalised pooled vectors (B, dim)."""
 
@@ -228,18 +244,13 @@ class TextEmbedder(nn.Module):
         blob = json.dumps(facts)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def weights_fingerprint(self) -> str:
-        """What the embedder computes with, wherever it was loaded from (a hub name, a folder, a
-        package on another machine): its class, width, parameter count, pooling, prefixes and
-        max length, and a sample of its weights (the first values of its first and last three
-        tensors, rounded to bfloat16 so that a float32 and a bfloat16 load of one model agree)."""
-        named = [(n, p) for n, p in self.named_parameters()]
-        digest = hashlib.sha256(json.dumps([type(self.model).__name__, self.dim, sum(p.numel() for _, p in named),
-                                            self.pooling, self.prefixes, self.text_role, self.max_length]).encode())
-        for name, tensor in named[:3] + named[-3:]:
-            sample = tensor.detach().reshape(-1)[:4096].to(torch.bfloat16).float().cpu()
-            digest.update(name.encode() + sample.numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def probe(self) -> list[float]:
+        """What the embedder computes, wherever it was loaded from: its unit-length embeddings of a
+        few fixed texts (weights, tokenizer, pooling and prefix all show in them; weights the
+        embedder never uses, such as a pooler missing from a checkpoint, do not)."""
+        with torch.no_grad():
+            rows = torch.nn.functional.normalize(self.encode(PROBE_TEXTS).float(), dim=-1)
+        return [round(v, 5) for v in rows.reshape(-1).tolist()]
 
     def train(self, mode: bool = True):  # frozen: always eval (no dropout)
         super().train(False)

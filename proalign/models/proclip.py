@@ -40,8 +40,8 @@ _PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
 # Fields a model file may not set, whatever its metadata says: they would let a downloaded file run
 # code. Only the user's own run config may turn them on.
 _RUN_CONFIG_ONLY = ("embedder.trust_remote_code", "embedder.max_build_gb")
-# What the embedder computed with when the adapter was trained (TextEmbedder.weights_fingerprint).
-EMBEDDER_WEIGHTS_KEY = "embedder_weights"
+# What the embedder computed when the adapter was trained (TextEmbedder.probe).
+EMBEDDER_PROBE_KEY = "embedder_probe"
 # Model-file metadata that travels with the weights when a loaded model is saved again.
 KEPT_METADATA = ("stage", "training")
 
@@ -286,7 +286,7 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
             meta[LOCAL_PATHS_KEY] = json.dumps(local)
         if self.embedder is not None:
             meta["embedder"] = self.embedder.fingerprint()
-            meta[EMBEDDER_WEIGHTS_KEY] = self.embedder.weights_fingerprint()
+            meta[EMBEDDER_PROBE_KEY] = json.dumps(self.embedder.probe())
         if self.prompt is not None:
             meta.update(self.prompt.describe())
         save_tensors(self.weights(), path, meta)
@@ -303,7 +303,7 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
         if self.embedder is not None and any(k.startswith("adapter.") for k in state):
-            self._check_embedder(path, metadata.get(EMBEDDER_WEIGHTS_KEY), allow_embedder_mismatch)
+            self._check_embedder(path, metadata.get(EMBEDDER_PROBE_KEY), allow_embedder_mismatch)
         self.file_metadata = {k: metadata[k] for k in KEPT_METADATA if k in metadata}
         parts = {"clip": self.clip, "adapter": self.adapter}
         for prefix, module in parts.items():
@@ -322,15 +322,19 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         return self
 
     def _check_embedder(self, path: Path, recorded: Optional[str], allow: bool) -> None:
+        from .embedder import same_embedder
         if recorded is None:
-            log.info("%s records no embedder fingerprint (an older file): not checked", path)
+            log.info("%s records no embedder probe (an older file): not checked", path)
             return
-        built = self.embedder.weights_fingerprint()
-        if built == recorded:
+        try:
+            probe = json.loads(recorded)
+        except json.JSONDecodeError:
+            probe = None
+        if isinstance(probe, list) and same_embedder(probe, self.embedder.probe()):
             return
-        message = (f"{path}: its adapter was trained on another embedder (fingerprint {recorded}) than the one built "
-                   f"here from {self.embedder.identity!r} ({built}): other weights, architecture, pooling, prefix or "
-                   "max length. Its text embeddings would be silently wrong")
+        message = (f"{path}: its adapter was trained on another embedder than the one built here from "
+                   f"{self.embedder.identity!r} (other weights, architecture, tokenizer, pooling or prefix: their "
+                   "embeddings of fixed probe texts differ). Its text embeddings would be silently wrong")
         if not allow:
             raise ProalignError(message + "; load the embedder it names, or pass allow_embedder_mismatch=True")
         log.warning("%s (allow_embedder_mismatch=True)", message)
