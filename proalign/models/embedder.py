@@ -249,7 +249,8 @@ class TextEmbedder(nn.Module):
         few fixed texts (weights, tokenizer, pooling and prefix all show in them; weights the
         embedder never uses, such as a pooler missing from a checkpoint, do not)."""
         with torch.no_grad():
-            rows = torch.nn.functional.normalize(self.encode(PROBE_TEXTS).float(), dim=-1)
+            batch = self.tokenize(PROBE_TEXTS).to(self.device)
+            rows = torch.nn.functional.normalize(self(batch["input_ids"], batch["attention_mask"]).float(), dim=-1)
         return [round(v, 5) for v in rows.reshape(-1).tolist()]
 
     def train(self, mode: bool = True):  # frozen: always eval (no dropout)
