@@ -107,6 +107,7 @@ def test_loss_terms_are_registered_and_named_in_errors(tiny_cfg):
         LOSS_TERMS.pop("test_text_norm")
 
 
+@pytest.mark.slow  # a 150-step training run (CI runs the slow set after the default one)
 def test_stage2_raises_heldout_retrieval_on_the_tiny_config(tiny_cfg):
     """150 steps from the tiny config's random start (seed 0): mean held-out R@10 over both
     directions (100 unseen emoji, chance 0.10) rises."""
