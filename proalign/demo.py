@@ -36,6 +36,7 @@ from .eval.text_transfer import text_transfer_rows
 from .models.proclip import ProCLIP
 from .models.towers import context_length, count_truncated
 from .stages import cache as caching
+from .stages.common import write_run_config
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
 from .stages.teacher import run_teacher
@@ -219,6 +220,7 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
             run_teacher(cfg, resume=resume, progress=progress)
     with timer("load embedder"):
         cfg = load_config(config or DEFAULT_CONFIG, [*base, f"clip.checkpoint={teacher_path}"])
+        write_run_config(cfg)
         model = ProCLIP.from_config(cfg)
     with timer("embedding cache"):
         caching.build_caches(cfg, model, progress=progress)

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 
+from typing import Iterable, Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .distributed import rank_and_world
+from .errors import ConfigError
+from .registry import Registry
 
 
 REDUCTIONS = ("sum", "mean")
@@ -53,12 +59,6 @@ def structure_loss(student: torch.Tensor, teacher: torch.Tensor, reduction: str 
         return _reduce(per_pair, reduction).to(student.dtype)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gathered_instance(student, teacher, reduction: str, world: int) -> torch.Tensor:
     """This rank's share of the instance loss on the global batch (equal batches per rank): the
     mean over ranks is the single-process loss, for both reductions."""
@@ -90,7 +90,7 @@ def _gathering(reduction: str, gather: bool) -> tuple[int, int]:
     """(rank, world) when the term is computed on the global batch, else (0, 1)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return _world() if gather else (0, 1)
+    return rank_and_world() if gather else (0, 1)
 
 
 def instance_term(student, teacher, reduction: str = "sum", gather: bool = False) -> torch.Tensor:
@@ -169,26 +169,25 @@ def self_distillation_loss(image: torch.Tensor, ema_image: torch.Tensor, reducti
 
 
 # --------------------------------------------------------------------------- loss terms as modules
-# A stage's objective is a weighted sum of registered terms. A new term is one class here,
-# registered by name, plus its weight in the config (`stage2.extra_losses: {name: weight}`).
+# A stage's objective is a weighted sum of registered terms, named with their weights in the
+# stage's config (`stage2.losses: {contrastive: 1.0, self_distillation: 1.0, <yours>: 0.1}`).
+# A new term is one class here (or in any module imported before the stage is built).
 
-LOSS_TERMS: dict[str, type["LossTerm"]] = {}
+LOSS_TERMS: Registry[type["LossTerm"]] = Registry("loss term")
 
 
 def register_loss(name: str):
     def add(cls):
-        if name in LOSS_TERMS:
-            raise ValueError(f"loss term {name!r} is already registered ({LOSS_TERMS[name].__name__})")
         cls.term = name
-        LOSS_TERMS[name] = cls
-        return cls
+        return LOSS_TERMS.register(name)(cls)
     return add
 
 
 class LossTerm(nn.Module):
-    """One named term. `needs` lists the features it reads from the task's feature dict;
-    `forward(features)` returns {term: value, **diagnostics}: the total sums the value under the
-    term's own name, the rest is only logged. `reduction` is the stage's (`sum` or `mean`)."""
+    """One named term. `needs` lists the features it reads from the task's feature dict (a task
+    says what it `provides`); `forward(features)` returns {term: value, **diagnostics}: the total
+    sums the value under the term's own name, the rest is only logged. `reduction` is the stage's
+    (`sum` or `mean`)."""
 
     term = "term"
     needs: tuple[str, ...] = ()
@@ -235,22 +234,40 @@ class SelfDistillationTerm(LossTerm):
         return {self.term: total, **parts}
 
 
+@register_loss("classification")
+class ClassificationTerm(LossTerm):
+    """CoOp: cross-entropy of each (normalised) image feature against the step's class-prompt
+    embeddings; `target` is each image's place in the step's class list. Logs the top-1 accuracy."""
+    needs = ("image", "class_text", "logit_scale", "target")
+
+    def forward(self, f: dict) -> dict:
+        logits = f["logit_scale"] * f["image"] @ f["class_text"].T
+        accuracy = (logits.argmax(1) == f["target"]).float().mean()
+        return {self.term: F.cross_entropy(logits, f["target"]), "train_acc": accuracy}
+
+
 class Objective(nn.Module):
     """sum_k weight_k * term_k over the registered terms named in `weights` (zero weights are
     left out, so their inputs need not be computed). Returns (total, detached log values:
-    `loss_<term>` per term plus each term's diagnostics)."""
+    `loss_<term>` per term plus each term's diagnostics). `where` is the config field of the
+    weights (`stage2.losses`); `provides`, the features the task computes: every term's needs
+    must be among them."""
 
-    def __init__(self, weights: dict[str, float], reduction: str = "sum", where: str = "loss"):
+    def __init__(self, weights: dict[str, float], reduction: str = "sum", where: str = "losses",
+                 provides: Optional[Iterable[str]] = None, task: str = "the task"):
         super().__init__()
-        unknown = [name for name in weights if name not in LOSS_TERMS]
-        if unknown:
-            from .config import ConfigError
-            raise ConfigError(f"{where}.{unknown[0]}: unknown loss term (registered: {', '.join(sorted(LOSS_TERMS))})")
+        classes = {name: LOSS_TERMS.get(name, f"{where}.{name}") for name in weights}
         self.weights = {name: float(w) for name, w in weights.items() if w != 0}
         if not self.weights:
-            from .config import ConfigError
             raise ConfigError(f"{where}: every loss weight is zero: nothing to train")
-        self.terms = nn.ModuleDict({name: LOSS_TERMS[name](reduction) for name in self.weights})
+        if provides is not None:
+            provided = set(provides)
+            for name in self.weights:
+                missing = [need for need in classes[name].needs if need not in provided]
+                if missing:
+                    raise ConfigError(f"{where}.{name}: the loss term needs {', '.join(missing)}, which {task} "
+                                      f"does not compute (it provides: {', '.join(sorted(provided))})")
+        self.terms = nn.ModuleDict({name: classes[name](reduction) for name in self.weights})
 
     @property
     def needs(self) -> set[str]:

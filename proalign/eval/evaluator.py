@@ -44,7 +44,7 @@ class TextTower:
 def load_eval_set(name: str, fmt: str, path, preprocess, options=None, languages: Optional[Sequence[str]] = None,
                   max_samples: Optional[int] = None) -> EvalSet:
     """An eval set in any registered format, decoded; unreadable samples are skipped, counted and logged."""
-    from ..data.readers import load_dataset
+    from ..data.datasets import load_dataset
     skips: Counter = Counter()
     images, keys, metas = load_dataset(fmt, path, preprocess, options, languages or None, max_samples, skips)
     if skips:

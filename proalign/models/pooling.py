@@ -1,7 +1,7 @@
 """Poolers: token states (B, T, D) + attention mask (B, T) -> one vector per text (B, D).
 
-Padding may be on either side. A new pooler is one function here, registered by name; it is
-then valid as `embedder.pooling`.
+Padding may be on either side. A new pooler is one function here (or in any module imported
+before the embedder is built), registered by name; it is then valid as `embedder.pooling`.
 """
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ from typing import Callable
 
 import torch
 
-POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+from ..registry import Registry
 
-
-def register_pooler(name: str):
-    def add(fn):
-        if name in POOLERS:
-            raise ValueError(f"pooler {name!r} is already registered")
-        POOLERS[name] = fn
-        return fn
-    return add
+POOLERS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("pooler")
+register_pooler = POOLERS.register
 
 
 def _pick(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -47,6 +41,4 @@ def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode not in POOLERS:
-        raise ValueError(f"unknown pooling mode {mode!r} (registered: {', '.join(sorted(POOLERS))})")
-    return POOLERS[mode](hidden, mask)
+    return POOLERS.get(mode, "embedder.pooling")(hidden, mask)

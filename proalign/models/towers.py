@@ -28,10 +28,10 @@ def resolve_arch(arch: dict) -> dict:
     text_cfg = dict(arch.get("text_cfg") or {})
     if not any(str(text_cfg.get(f, "")).startswith("pkg:") for f in HF_NAME_FIELDS):
         return arch
-    from .embedder import _maybe_pkg
+    from .hf_loading import maybe_pkg
     for field in HF_NAME_FIELDS:
         if field in text_cfg:
-            text_cfg[field] = _maybe_pkg(text_cfg[field], f"clip.arch.text_cfg.{field}")
+            text_cfg[field] = maybe_pkg(text_cfg[field], f"clip.arch.text_cfg.{field}")
     return {**arch, "text_cfg": text_cfg}
 
 
@@ -42,7 +42,7 @@ def _refuse_custom_code_text_tower(arch: dict) -> None:
     if not name:
         return
     from transformers import AutoConfig
-    from .embedder import quiet_transformers_loads, refuse_remote_code
+    from .hf_loading import quiet_transformers_loads, refuse_remote_code
     try:
         with quiet_transformers_loads():
             AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -90,7 +90,7 @@ _SIZING_TEXT_CFG = {"context_length": 77, "vocab_size": 8, "width": 8, "heads": 
 def _refuse_oversized_arch(cfg: ClipConfig, kwargs: dict) -> None:
     """Count an inline architecture's parameters on the meta device (no memory) before building it."""
     import open_clip
-    from .embedder import refuse_oversized
+    from .hf_loading import refuse_oversized
     name = cfg.model
     if has_pretrained_text_tower(cfg):
         name = f"{cfg.model}-sizing"
@@ -121,7 +121,7 @@ def create_clip(cfg: ClipConfig, image_size: int | None = None, weights_follow: 
     root = logging.getLogger()
     for notice in quiet:
         root.addFilter(notice)
-    from .embedder import quiet_transformers_loads
+    from .hf_loading import quiet_transformers_loads
     try:
         if cfg.arch is not None:
             _refuse_oversized_arch(cfg, kwargs)

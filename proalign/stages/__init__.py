@@ -1,5 +1,5 @@
 """One module per stage, each owning its task and its driver (build -> train -> evaluate ->
-export); `engine.train` is the one loop they share.
+export); `proalign.train.train` is the one loop they share.
 
     cache    build_caches     encode captions once (LLM embedder, CLIP text teacher)
     teacher  run_teacher      pre-train the demo's small English CLIP

@@ -13,7 +13,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream
-from ..data.shards import rank_and_world
+from ..distributed import rank_and_world
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length, count_truncated, encode_clip_text, text_tower_fingerprint
 
@@ -56,7 +56,7 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     Under torchrun/DeepSpeed every rank encodes its own disjoint share of the shards (`rank::world`
     of the sorted list), then all ranks wait for each other; the returned counts are totals over
     ranks (`per_rank` keeps this rank's own)."""
-    from ..engine import resolve_device
+    from ..train.backends import resolve_device
     rank, world = rank_and_world()
     bs = cfg.embedder.batch_size
     stats: dict = {"llm": Counter(), "clip": Counter()}
@@ -121,8 +121,8 @@ def _sum_over_ranks(stats: dict) -> dict:
 def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
     """`proalign cache`: join the process group when launched by torchrun/DeepSpeed, build this
     rank's share of the caches, report the totals on rank 0."""
-    from .. import engine
-    engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
+    from .common import join_run
+    join_run(cfg)
     torch.manual_seed(cfg.seed)
     model = ProCLIP.from_config(cfg)
     start = time.perf_counter()

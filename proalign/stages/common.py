@@ -9,9 +9,11 @@ from typing import Optional
 import torch
 from torch.utils.data import IterableDataset
 
-from ..config import DataConfig, RunConfig
+from ..config import DataConfig, RunConfig, config_to_dict, save_config
 from ..data.shards import Batcher, ImageTextStream
+from ..distributed import is_main
 from ..models.towers import state_fingerprint
+from ..train import Runtime, StageTask, join, train
 
 
 class StreamBatches:
@@ -44,9 +46,29 @@ class StreamBatches:
         return dict(self._batcher.skips) if self._batcher else {}
 
 
-def is_main() -> bool:
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def write_run_config(cfg: RunConfig, stage: Optional[str] = None, resume: bool = False) -> None:
+    """`<output_dir>/config.yaml`, the resolved config of a command, written once by the launch's
+    rank 0 before the stage runs. A resume is checked first against the stage's latest checkpoint:
+    a refused one writes nothing."""
+    import os
+    from ..checkpoints import CheckpointManager
+    from ..train.state import check_resume_config
+    if resume and stage:
+        check_resume_config(config_to_dict(cfg), CheckpointManager(Path(cfg.output_dir) / stage), stage)
+    if os.environ.get("RANK", "0") == "0":  # the process group is not joined yet
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+
+
+def join_run(cfg: RunConfig) -> tuple[int, int]:
+    """Join the run's process group (under torchrun/deepspeed) before a stage builds anything."""
+    return join(Runtime.of(cfg))
+
+
+def train_stage(task: StageTask, cfg: RunConfig, resume: bool, progress: bool, hooks=()) -> dict:
+    """The training loop on `task` in `cfg.output_dir`, the run config recorded with each checkpoint."""
+    return train(task, Runtime.of(cfg), cfg.output_dir, resume=resume, progress=progress, hooks=hooks,
+                 config=config_to_dict(cfg))
 
 
 def append_summary(cfg: RunConfig, summary: dict) -> None:

@@ -4,27 +4,28 @@ coop_results.md and coop_accuracy.png (per language: hand-written prompt vs lear
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import engine
 from ..config import CoopConfig, OptimConfig, RunConfig, TrainConfig
 from ..data.samplers import EpochSampler
-from ..engine import StageTask
+from ..distributed import is_main
 from ..models.proclip import ProCLIP
 from ..models.towers import module_fingerprint
 from ..storage import save_tensors
-from .common import append_summary, is_main, stage_metadata
+from ..train import StageTask, seed_everything
+from .common import append_summary, stage_metadata, train_stage
 
 log = logging.getLogger(__name__)
 
 
 def coop_train_config(coop: CoopConfig, n_train: int) -> TrainConfig:
-    """CoOp's epoch-based schedule as engine steps: SGD, cosine, `warmup_epochs` of warm-up."""
+    """CoOp's epoch-based schedule as training steps: SGD, cosine, `warmup_epochs` of warm-up."""
     per_epoch = max(1, -(-n_train // coop.batch_size))
     return TrainConfig(steps=coop.epochs * per_epoch, batch_size=coop.batch_size, log_every=coop.log_every,
                        checkpoint_every=per_epoch,
@@ -39,6 +40,7 @@ class CoopTask(StageTask):
     adapter when `coop.train_adapter`."""
 
     name = "coop"
+    provides = ("image", "class_text", "logit_scale", "target")
 
     def __init__(self, prompt: nn.Module, adapter: nn.Module, image_feats: torch.Tensor, labels: torch.Tensor,
                  class_names: list[list[str]], logit_scale: float, coop: CoopConfig, seed: int):
@@ -57,6 +59,7 @@ class CoopTask(StageTask):
         self.classes_per_step = coop.classes_per_step
         self.seed = seed
         self.sampler = EpochSampler(len(labels), self.train_cfg.batch_size, seed)
+        self.objective = self.build_objective(coop.losses, where="coop.losses")
 
     def next_batch(self) -> dict:
         step = self.sampler.position
@@ -75,19 +78,19 @@ class CoopTask(StageTask):
                  for c in classes.tolist()]
         return {"index": idx, "classes": classes, "names": names}
 
-    def forward(self, batch: dict):
+    def features(self, batch: dict) -> dict:
         device = self.image_feats.device
         classes = batch["classes"].to(device)
         text = F.normalize(self.adapter(self.prompt(batch["names"], classes)), dim=-1)
         idx = batch["index"].to(device)
-        logits = self.logit_scale * self.image_feats[idx] @ text.T
         # target: where each image's class sits in this step's class list
         lookup = torch.full((len(self.class_names),), -1, dtype=torch.long, device=device)
         lookup[classes] = torch.arange(len(classes), device=device)
-        target = lookup[self.labels[idx]]
-        loss = F.cross_entropy(logits, target)
-        accuracy = (logits.argmax(1) == target).float().mean()
-        return loss, {"train_acc": accuracy.detach()}
+        return {"image": self.image_feats[idx], "class_text": text, "logit_scale": self.logit_scale,
+                "target": lookup[self.labels[idx]]}
+
+    def loss(self, features: dict):
+        return self.objective(features)
 
     def data_state(self) -> dict:
         return {"position": self.sampler.position}
@@ -108,8 +111,8 @@ def coop_data(cfg: RunConfig, preprocess, shots: int, seed: int):
     """(training set with `shots` per class drawn with `seed`, evaluation set): from
     `coop.train_data`/`coop.eval_data` (a classification format: imagefolder, coop-split), else
     from labelled shards."""
-    from ..data.classes import read_labelled
-    from ..data.readers import load_classification
+    from ..data.classification import read_labelled
+    from ..data.datasets import load_classification
     c = cfg.coop
 
     def load(dataset, shards, shots_, max_samples, **classes):
@@ -124,23 +127,24 @@ def coop_data(cfg: RunConfig, preprocess, shots: int, seed: int):
     return train, evaluation
 
 
-def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True,
-             classes: str = "all", save_model: bool = True) -> dict:
-    """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned.
-    `classes="base-to-new"`: train on the base half of the training classes (CoOp's split) and
-    report the evaluation set's base and new classes apart (`rows` and `rows_new`)."""
+@dataclass
+class HeadData:
+    """The CoOp head's images as features: the training set (classes without a name in
+    coop.train_languages left out) and each evaluation part (all, or base and new)."""
+    train_set: object          # LabelledImages
+    names: list[list[str]]     # per training class, its names in the training languages
+    train_feats: torch.Tensor
+    train_labels: torch.Tensor
+    eval_parts: dict           # part -> LabelledImages
+    eval_feats: dict           # part -> image features
+    eval_classes: list         # the evaluation set's classes (all parts)
+
+
+def head_data(cfg: RunConfig, model: ProCLIP, classes: str = "all") -> HeadData:
+    """Load the few-shot training set and the evaluation set, split base/new if asked, and encode
+    their images once with the model's image tower."""
     from ..data.classification import class_halves
-    from ..eval.report import coop_report, coop_table
-    from ..eval.zeroshot import accuracy_handwritten_vs_learned
-    from ..models.prompt import PromptLearner
     c = cfg.coop
-    if classes not in ("all", "base-to-new"):
-        raise ValueError(f"coop classes must be 'all' or 'base-to-new', got {classes!r}")
-    if classes == "base-to-new" and c.prompt.class_specific:
-        raise ValueError("coop.prompt.class_specific: base-to-new needs a context shared by all classes "
-                         "(new classes have no class-specific context)")
-    engine.seed_everything(cfg.seed)
-    model = model or ProCLIP.from_config(cfg)
     train_set, eval_set = coop_data(cfg, model.preprocess_eval, c.shots, cfg.seed)
     eval_parts = {"all": eval_set}
     if classes == "base-to-new":
@@ -165,29 +169,63 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
     print(f"coop: {len(train_set.classes)} classes, {int(keep_rows.sum())} training images "
           f"(<= {c.shots} shots each); eval " + ", ".join(
               f"{part} {len(d.classes)} classes / {len(d.labels)} images" for part, d in eval_parts.items()))
+    return HeadData(train_set, names, train_feats, train_set.labels[keep_rows], eval_parts, eval_feats,
+                    list(eval_set.classes))
 
-    p = c.prompt
-    model.prompt = PromptLearner(model.embedder, p.n_ctx, p.position, p.class_specific, train_set.classes,
+
+def train_head(cfg: RunConfig, model: ProCLIP, data: HeadData, resume: bool = False, progress: bool = True,
+               hooks=()) -> tuple[dict, Optional[Callable]]:
+    """Attach a PromptLearner to `model` and train it (CoOp's schedule); returns (last metrics,
+    the map from evaluation class index to learned-context index, for class-specific context)."""
+    from ..models.prompt import PromptLearner
+    c, p = cfg.coop, cfg.coop.prompt
+    model.prompt = PromptLearner(model.embedder, p.n_ctx, p.position, p.class_specific, data.train_set.classes,
                                  p.init_phrase)
     class_index_of = None
     if p.class_specific:
-        train_index = {cls: i for i, cls in enumerate(train_set.classes)}
-        missing = [cls for cls in eval_set.classes if cls not in train_index]
+        train_index = {cls: i for i, cls in enumerate(data.train_set.classes)}
+        missing = [cls for cls in data.eval_classes if cls not in train_index]
         if missing:
             raise ValueError(f"coop.prompt.class_specific: eval class {missing[0]!r} has no learned context "
                              "(class-specific context only covers the training classes)")
-        lookup = torch.tensor([train_index[cls] for cls in eval_set.classes])
+        lookup = torch.tensor([train_index[cls] for cls in data.eval_classes])
         class_index_of = lambda index: lookup[index]  # noqa: E731
-    languages = c.eval_languages or None
     embedder_sum = module_fingerprint(model.embedder)
     logit_scale = model.clip.logit_scale.exp().item()
-    task = CoopTask(model.prompt, model.adapter, train_feats, train_set.labels[keep_rows], names, logit_scale,
+    task = CoopTask(model.prompt, model.adapter, data.train_feats, data.train_labels, data.names, logit_scale,
                     c, cfg.seed)
-    last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
+    last = train_stage(task, cfg, resume, progress, hooks)
+    if module_fingerprint(model.embedder) != embedder_sum:
+        raise RuntimeError("coop: the frozen embedder's weights changed during training")
+    return {**last, "embedder_checksum": embedder_sum}, class_index_of
+
+
+def evaluate_head(cfg: RunConfig, model: ProCLIP, data: HeadData, class_index_of=None) -> dict[str, list[dict]]:
+    """Per evaluation part, per language: top-1 with the hand-written prompt vs the learned context."""
+    from ..eval.zeroshot import accuracy_handwritten_vs_learned
     model.eval()
-    results = {part: accuracy_handwritten_vs_learned(eval_feats[part], data, model, c.templates, languages,
-                                                     class_index_of=class_index_of)
-               for part, data in eval_parts.items()}
+    return {part: accuracy_handwritten_vs_learned(data.eval_feats[part], part_data, model, cfg.coop.templates,
+                                                  cfg.coop.eval_languages or None, class_index_of=class_index_of)
+            for part, part_data in data.eval_parts.items()}
+
+
+def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True,
+             classes: str = "all", save_model: bool = True, hooks=()) -> dict:
+    """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned.
+    `classes="base-to-new"`: train on the base half of the training classes (CoOp's split) and
+    report the evaluation set's base and new classes apart (`rows` and `rows_new`)."""
+    from ..eval.report import coop_report, coop_table
+    c = cfg.coop
+    if classes not in ("all", "base-to-new"):
+        raise ValueError(f"coop classes must be 'all' or 'base-to-new', got {classes!r}")
+    if classes == "base-to-new" and c.prompt.class_specific:
+        raise ValueError("coop.prompt.class_specific: base-to-new needs a context shared by all classes "
+                         "(new classes have no class-specific context)")
+    seed_everything(cfg.seed)
+    model = model or ProCLIP.from_config(cfg)
+    data = head_data(cfg, model, classes)
+    last, class_index_of = train_head(cfg, model, data, resume, progress, hooks)
+    results = evaluate_head(cfg, model, data, class_index_of)
     after = results.get("all", results.get("base"))
     out = Path(cfg.output_dir)
     if is_main():
@@ -198,10 +236,8 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
             save_tensors({f"prompt.{k}": v for k, v in model.prompt.learnable_state_dict().items()},
                          out / "context.safetensors", model.prompt.describe())
         coop_report(after, out / "coop_results.md", out / "coop_accuracy.png")
-    if module_fingerprint(model.embedder) != embedder_sum:
-        raise RuntimeError("coop: the frozen embedder's weights changed during training")
     summary = {"stage": "coop", **last, "rows": after, "truncated_prompts": model.prompt.truncated_count,
-               "embedder_checksum": embedder_sum, "classes": classes, "shots": c.shots, "seed": cfg.seed}
+               "classes": classes, "shots": c.shots, "seed": cfg.seed}
     if "new" in results:
         summary["rows_new"] = results["new"]
     print(coop_table(after))

@@ -11,16 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 
-from .. import engine
 from ..config import RunConfig, Stage1Config
 from ..data.cache import paired_rows
 from ..data.shards import expand_shards
-from ..engine import StageTask
-from ..losses import Objective
+from ..distributed import is_main
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length
 from .cache import build_caches, llm_cache, paired_stream, teacher_cache
-from .common import StreamBatches, append_summary, is_main, stage_metadata, write_replica_checksum
+from ..train import StageTask, seed_everything
+from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage, write_replica_checksum
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +29,13 @@ class Stage1Task(StreamBatches, StageTask):
     by shard (each rank its own part of every epoch)."""
 
     name = "stage1"
+    provides = ("student", "teacher")
 
     def __init__(self, adapter: nn.Module, stream: IterableDataset, stage1: Stage1Config, num_workers: int = 0):
         super().__init__()
         self.train_cfg = stage1.train
         self.adapter = adapter
-        self.objective = Objective({"instance": stage1.w_instance, "structure": stage1.w_structure},
-                                   stage1.reduction, where="stage1")
+        self.objective = self.build_objective(stage1.losses, stage1.reduction, where="stage1.losses")
         self._use_stream(stream, self.train_cfg.batch_size, num_workers)
 
     def next_batch(self) -> dict:
@@ -74,10 +73,11 @@ def heldout_pairs(cfg: RunConfig, model: ProCLIP):
                     for url in expand_shards(cfg.data.eval_shards))
 
 
-def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
+def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True,
+               hooks=()) -> dict:
     """Build the caches (every rank its share), distil, report the held-out cosine before/after,
     export the model file."""
-    rank, _ = engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
+    rank, _ = join_run(cfg)
     torch.manual_seed(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
     build_caches(cfg, model, progress=progress)
@@ -86,10 +86,10 @@ def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
              extra["captions"], extra.get("truncated", 0), context_length(model.clip))
     heldout = heldout_pairs(cfg, model) if cfg.data.eval_shards else (lambda: iter(()))
     before, _ = heldout_cosine(model.adapter, heldout())
-    engine.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     stream = paired_stream(cfg, model, cfg.data.train_shards, cfg.data.train_languages, cfg.seed)
     task = Stage1Task(model.adapter, stream, cfg.stage1, cfg.data.num_workers)
-    last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
+    last = train_stage(task, cfg, resume, progress, hooks)
     write_replica_checksum(cfg, task, rank)
     after, heldout_count = heldout_cosine(model.adapter, heldout())
     if is_main():

@@ -9,25 +9,25 @@ from typing import Callable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .. import engine
 from ..config import DataConfig, RunConfig, Stage2Config
 from ..ema import EMATeacher
-from ..engine import StageTask
+from ..distributed import is_main
 from ..eval.evaluator import Evaluator, image_encoder, llm_text_tower, load_shard_set, mean_recalls
-from ..losses import Objective
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
 from .cache import build_caches, cached_llm_features, shard_text_features
-from .common import StreamBatches, append_summary, is_main, stage_metadata, write_replica_checksum
+from ..train import StageTask, seed_everything
+from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage, write_replica_checksum
 
 
 class Stage2Task(StreamBatches, StageTask):
-    """Image tower + adapter with symmetric InfoNCE and EMA self-distillation (`lambda_sd`), plus
-    any `extra_losses`. LLM features are read with the images, one shard's cache at a time
+    """Image tower + adapter with `stage2.losses` (symmetric InfoNCE and EMA self-distillation by
+    default, any registered term besides). LLM features are read with the images, one shard's cache at a time
     (`shard_features(url)` -> {sample key: {caption id: row}}); the frozen embedder is not part of
     the task."""
 
     name = "stage2"
+    provides = ("image", "text", "logit_scale", "ema_image")
 
     def __init__(self, model: ProCLIP, stage2: Stage2Config, data: DataConfig, seed: int,
                  shard_features: Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]):
@@ -37,8 +37,7 @@ class Stage2Task(StreamBatches, StageTask):
         self.adapter = model.adapter
         self.ema = EMATeacher(self.visual, stage2.ema_momentum)
         self.logit_scale = LogitScale(stage2.init_logit_scale, stage2.max_logit_scale)
-        self.objective = Objective({"contrastive": 1.0, "self_distillation": stage2.lambda_sd, **stage2.extra_losses},
-                                   stage2.reduction, where="stage2.extra_losses")
+        self.objective = self.build_objective(stage2.losses, stage2.reduction, where="stage2.losses")
         self.evaluator: Optional[Callable[[], dict]] = None  # () -> held-out metrics, set by the driver
         self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed, shard_features)
 
@@ -91,19 +90,20 @@ def heldout_evaluation(cfg: RunConfig, model: ProCLIP) -> Callable[[], dict]:
     return run
 
 
-def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True) -> dict:
+def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True,
+               hooks=()) -> dict:
     """Build the LLM caches (every rank its share), align, report held-out retrieval before/after, export."""
-    rank, world = engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
+    rank, world = join_run(cfg)
     torch.manual_seed(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
     build_caches(cfg, model, teacher=False, progress=progress)
     heldout = heldout_evaluation(cfg, model) if cfg.data.eval_shards and rank == 0 else None
     before = heldout() if heldout else {}
-    engine.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     train_text = shard_text_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
     task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, train_text)
     task.evaluator = heldout
-    last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
+    last = train_stage(task, cfg, resume, progress, hooks)
     task.export_logit_scale(model.clip)
     write_replica_checksum(cfg, task, rank)
     after = heldout() if heldout else {}

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .. import engine
 from ..config import DataConfig, RunConfig, TeacherConfig
-from ..engine import StageTask
-from ..losses import Objective
+from ..distributed import is_main
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
 from ..models.towers import lock_text_tower
 from .cache import build_caches, shard_text_features
-from .common import StreamBatches, append_summary, is_main, stage_metadata
+from ..train import StageTask, seed_everything
+from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage
 
 
 class TeacherTask(StreamBatches, StageTask):
@@ -31,6 +30,7 @@ class TeacherTask(StreamBatches, StageTask):
     cache, and the task holds the image tower alone: the locked tower is in no checkpoint."""
 
     name = "teacher"
+    provides = ("image", "text", "logit_scale")
 
     def __init__(self, model: ProCLIP, teacher: TeacherConfig, data: DataConfig, seed: int, text_features=None):
         super().__init__()
@@ -45,7 +45,7 @@ class TeacherTask(StreamBatches, StageTask):
         # out while training and a (1,) copy trains instead (`export_logit_scale` puts it back).
         self.logit_scale = LogitScale(model.clip.logit_scale.exp().item(), teacher.max_logit_scale)
         del model.clip.logit_scale
-        self.objective = Objective({"contrastive": 1.0}, where="teacher.loss")
+        self.objective = self.build_objective(teacher.losses, where="teacher.losses")
         self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed, text_features)
 
     def next_batch(self) -> dict:
@@ -93,14 +93,14 @@ def locked_text_features(cfg: RunConfig, model: ProCLIP, progress: bool = True):
     return shard_text_features(cfg, model, shards, languages, kind="clip")
 
 
-def run_teacher(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+def run_teacher(cfg: RunConfig, resume: bool = False, progress: bool = True, hooks=()) -> dict:
     """Train the teacher CLIP; returns the summary (with the model file's `path`)."""
-    engine.init_distributed(engine.resolve_device(cfg.device), bool(cfg.deepspeed))
-    engine.seed_everything(cfg.seed)
+    join_run(cfg)
+    seed_everything(cfg.seed)
     model = ProCLIP.from_config(cfg, load_embedder=False)
     text_features = locked_text_features(cfg, model, progress) if cfg.teacher.lock_text_tower else None
     task = TeacherTask(model, cfg.teacher, teacher_data(cfg), cfg.seed, text_features)
-    last = engine.train(task, cfg, cfg.output_dir, resume=resume, progress=progress)
+    last = train_stage(task, cfg, resume, progress, hooks)
     task.export_logit_scale(model.clip)
     path = Path(cfg.output_dir) / "teacher.safetensors"
     if is_main():
