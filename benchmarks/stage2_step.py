@@ -87,7 +87,7 @@ def run(tower: str = "demo", batch_size: int = 64, rounds: int = 5) -> dict:
 
     # the same task with lambda_sd = 0: the framework's own overhead, without the teacher forward
     cfg_no_sd = copy.deepcopy(cfg)
-    cfg_no_sd.stage2.lambda_sd = 0.0
+    cfg_no_sd.stage2.losses["self_distillation"] = 0.0
     no_sd = Stage2Task(copy.deepcopy(model), cfg_no_sd.stage2, cfg.data, cfg.seed, shard_features=None)
     no_sd_opt = torch.optim.AdamW([p for p in no_sd.parameters() if p.requires_grad], lr=1e-5)
 

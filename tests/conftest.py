@@ -1,12 +1,74 @@
+"""Fixtures shared by the whole suite (the only place they live): the repository root, the CLI in
+a subprocess, shard writing, free ports, the float64 loss oracles, the tiny config with its
+session-wide embedding cache, and a tiny trained model."""
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+# ----------------------------------------------------------------------------- float64 oracles
+
+def _norm64(x):
+    x = x.double().numpy()
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ref_instance(s, t, reduction):
+    per = ((_norm64(s) - _norm64(t)) ** 2).sum(1)
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+def _ref_structure(s, t, reduction="sum"):
+    s, t = _norm64(s), _norm64(t)
+    n = len(s)
+    ds = [np.linalg.norm(s[i] - s[j]) for i in range(n) for j in range(i + 1, n)]
+    dt = [np.linalg.norm(t[i] - t[j]) for i in range(n) for j in range(i + 1, n)]
+    diff = np.abs(np.array(ds) - np.array(dt))
+    per_pair = np.where(diff < 1.0, 0.5 * diff ** 2, diff - 0.5)
+    return per_pair.sum() if reduction == "sum" else per_pair.mean()
+
+
+def _ref_infonce(img, txt, scale):
+    i, t = _norm64(img), _norm64(txt)
+    logits = scale * i @ t.T
+
+    def ce(lg):
+        lg = lg - lg.max(1, keepdims=True)
+        logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+        return -np.mean(np.diag(logp))
+    return 0.5 * (ce(logits) + ce(logits.T))
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The paper's losses in float64 numpy, written from the formulas: `oracle.instance(s, t, reduction)`,
+    `oracle.structure(s, t, reduction)`, `oracle.infonce(image, text, scale)`."""
+    from types import SimpleNamespace
+    return SimpleNamespace(instance=_ref_instance, structure=_ref_structure, infonce=_ref_infonce)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """() -> a TCP port free right now on localhost (for a process group's master)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    return pick
 
 
 @pytest.fixture(scope="session")
@@ -82,17 +144,37 @@ def trained(tmp_path_factory):
     run.mkdir()
     model.eval()
     model.save(run / "stage2.safetensors", {"stage": "stage2"})
-    return {"run": run, "folder": folder, "names": names, "model": model}
+    return {"run": run, "folder": folder, "names": names, "model": model, "images": len(names)}
 
 
-def run_cli(args, env=None, timeout=600):
+def _run_cli(args, env=None, timeout=600, code=None):
+    """`python -m proalign.cli ARGS` in the repository, or with `code`, `python -c CODE ARGS` (a
+    launcher that sets up a hook, then calls the CLI with sys.argv[1:])."""
     import subprocess
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "proalign.cli", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "proalign.cli"]
+    return subprocess.run([*command, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def write_shard(path, members):
+@pytest.fixture(scope="session")
+def run_cli():
+    """run_cli(args, env=None, timeout=600, code=None) -> the finished subprocess (text output)."""
+    return _run_cli
+
+
+# A launcher for `run_cli(..., code=KILL_AT_STEP.format(step=N))`: the run is SIGKILLed after step N.
+KILL_AT_STEP = ("import os, signal, sys; from proalign.train import loop; from proalign.cli import main; "
+                "loop.STEP_HOOKS.append(lambda step: step == {step} and os.kill(os.getpid(), signal.SIGKILL)); "
+                "sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(scope="session")
+def kill_at_step():
+    """kill_at_step(N) -> launcher code for run_cli(code=...) that SIGKILLs the run after step N."""
+    return lambda step: KILL_AT_STEP.format(step=int(step))
+
+
+def _write_shard(path, members):
     """A tar of (name, bytes) members, in order (bad shards are built from these in tests)."""
     import io
     import tarfile
@@ -102,3 +184,9 @@ def write_shard(path, members):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+@pytest.fixture(scope="session")
+def write_shard():
+    """write_shard(path, [(member name, bytes), ...]) -> path."""
+    return _write_shard

@@ -251,7 +251,8 @@ def test_coop_protocol_resumes_an_interrupted_run_from_its_checkpoints(tiny_cfg,
 
 
 def test_coop_base_to_new_reports_both_halves_and_their_harmonic_mean(tiny_cfg, model_file, coop_split, tmp_path):
-    from proalign.stages.coop_protocol import harmonic_mean, run_protocol
+    from proalign.eval.report import harmonic_mean
+    from proalign.stages.coop_protocol import run_protocol
     tiny_cfg.init_from = str(model_file)
     tiny_cfg.output_dir = str(tmp_path / "b2n")
     tiny_cfg.coop.epochs, tiny_cfg.coop.batch_size = 2, 4

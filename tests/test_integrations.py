@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
 
 REPO_ID = "someone/tiny-proalign"
 
@@ -309,7 +308,7 @@ def _benchmark_sets(trained, root: Path) -> None:
     (wds / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of a {c}.\n")
 
 
-def test_clip_benchmark_numbers_equal_proalign_eval(trained, tmp_path, monkeypatch):
+def test_clip_benchmark_numbers_equal_proalign_eval(repo_root, trained, tmp_path, monkeypatch):
     """clip_benchmark's own CLI, datasets and metrics on a proalign model (`proalign clip-benchmark`)
     give proalign eval's numbers: retrieval R@1/R@5 both ways in two languages (crossmodal3600),
     zero-shot top-1 with the same templates (wds/ classification)."""
@@ -320,7 +319,7 @@ def test_clip_benchmark_numbers_equal_proalign_eval(trained, tmp_path, monkeypat
     data = tmp_path / "data"
     _benchmark_sets(trained, data)
     model_file = str(trained["run"] / "stage2.safetensors")
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", [
         f"output_dir={tmp_path / 'eval'}", f"eval.models={{m: {model_file}}}", "eval.clip_text_baseline=false",
         "eval.templates={en: ['a photo of a {}.', 'a drawing of a {}.']}",
         f"eval.datasets=[{{name: xm, format: xm3600, path: {data / 'xm3600'}, languages: [en, de]}},"
@@ -364,8 +363,8 @@ def test_clip_benchmark_arguments_pair_each_model_with_a_tag():
 
 # ------------------------------------------------------------------ the README's snippets, as written
 
-def _readme_block(section: str, language: str) -> str:
-    readme = (ROOT / "README.md").read_text()
+def _readme_block(repo_root, section: str, language: str) -> str:
+    readme = (repo_root / "README.md").read_text()
     part = readme.split(section, 1)[1].split("\n### ", 1)[0]
     return re.search(rf"```{language}\n(.*?)```", part, re.S).group(1)
 
@@ -382,22 +381,22 @@ def demo_layout(trained, tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_readme_hub_and_sentence_transformers_snippets_run_verbatim(demo_layout, capsys):
+def test_readme_hub_and_sentence_transformers_snippets_run_verbatim(repo_root, demo_layout, capsys):
     for section in ("### On the Hugging Face hub", "### In sentence-transformers"):
-        exec(compile(_readme_block(section, "python"), "README.md", "exec"), {"__name__": "__main__"})
+        exec(compile(_readme_block(repo_root, section, "python"), "README.md", "exec"), {"__name__": "__main__"})
     assert "| text | holds |" in (demo_layout / "exported" / "demo" / "README.md").read_text()
     assert (demo_layout / "exported" / "demo-st" / "modules.json").is_file()
     assert "corpus_id" in capsys.readouterr().out
 
 
-def test_readme_clip_benchmark_commands_run_verbatim(trained, demo_layout):
+def test_readme_clip_benchmark_commands_run_verbatim(repo_root, trained, demo_layout):
     import shlex
     from proalign.cli import main
     data = demo_layout / "data"
     _benchmark_sets(trained, data)
     shutil.move(str(data), demo_layout / "xm3600-root")
     shutil.move(str(demo_layout / "xm3600-root" / "wds"), demo_layout / "my-set")
-    block = _readme_block("### In clip_benchmark", "bash").replace("\\\n", " ")
+    block = _readme_block(repo_root, "### In clip_benchmark", "bash").replace("\\\n", " ")
     commands = [shlex.split(line) for line in block.splitlines() if line.startswith("proalign ")]
     assert len(commands) == 2
     for argv in commands:
@@ -408,7 +407,7 @@ def test_readme_clip_benchmark_commands_run_verbatim(trained, demo_layout):
                        "my-set_runs-demo_en_zeroshot_classification.json"]
 
 
-def test_architectures_from_files_are_sized_before_they_are_built(trained, tmp_path):
+def test_architectures_from_files_are_sized_before_they_are_built(repo_root, trained, tmp_path):
     """An embedder or CLIP architecture of hundreds of GB, from a model file or a run config, is
     counted on the meta device (no memory) and refused naming the file, the field and the size;
     the file cannot raise the limit itself."""
@@ -424,7 +423,7 @@ def test_architectures_from_files_are_sized_before_they_are_built(trained, tmp_p
     with pytest.raises(ConfigError, match=r"bomb.safetensors \(stored config\): embedder.arch: .* parameters "
                                           r"\([\d,.]+ GB as float32\), over embedder.max_build_gb \(16"):
         proalign.load(bomb, device="cpu")
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'run'}",
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'run'}",
                                                            "clip.arch.vision_cfg.width=16384",
                                                            "clip.arch.vision_cfg.layers=200"])
     with pytest.raises(ConfigError, match=r"clip.arch: .* parameters \([\d,.]+ GB as float32\), over clip.max_build_gb"):

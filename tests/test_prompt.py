@@ -12,12 +12,11 @@ TEXTS = ["cat", "grinning face with big eyes", "a red heart"]
 
 
 @pytest.fixture(scope="module")
-def embedder():
+def embedder(repo_root):
     import os
-    from conftest import ROOT
     from proalign.config import load_config
-    os.chdir(ROOT)
-    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml")
+    os.chdir(repo_root)
+    cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml")
     cfg.embedder.query_prefix = "query: "
     return TextEmbedder.from_config(cfg.embedder)
 
@@ -159,7 +158,7 @@ def _synthetic_task(model, names, shots=4, test=8, noise=0.05, seed=0):
 
 
 def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny_cfg):
-    from proalign import engine
+    from proalign.train import Runtime, train
     from proalign.config import OptimConfig, TrainConfig
     from proalign.eval.zeroshot import zero_shot_accuracy
     from proalign.models.proclip import ProCLIP
@@ -177,7 +176,7 @@ def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny
                     tiny_cfg.seed)
     task.train_cfg = TrainConfig(steps=60, batch_size=40, log_every=20, checkpoint_every=60,
                                  optim=OptimConfig(optimizer="adamw", lr=0.05, warmup_steps=5))
-    engine.train(task, tiny_cfg, tiny_cfg.output_dir, progress=False)
+    train(task, Runtime.of(tiny_cfg), tiny_cfg.output_dir, progress=False)
     learned = model.encode_text(names, prompt=True).detach()
     acc_learned = zero_shot_accuracy(test_x, learned, test_y)["acc@1"]
     assert acc_learned > acc_hand + 0.25, (acc_hand, acc_learned)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_shard
-from proalign.engine import StageTask
+from proalign.train import Runtime, StageTask
 
 
 def _jpeg() -> bytes:
@@ -52,7 +51,7 @@ def _batcher(shards, workers=0):
 
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("case", ["zero_byte", "all_images_corrupt"])
-def test_stream_over_unusable_shards_fails_fast_naming_them(tmp_path, case, workers):
+def test_stream_over_unusable_shards_fails_fast_naming_them(write_shard, tmp_path, case, workers):
     from proalign.data.shards import EmptyStreamError
     shard = tmp_path / "bad-000.tar"
     if case == "zero_byte":
@@ -69,7 +68,7 @@ def test_stream_over_unusable_shards_fails_fast_naming_them(tmp_path, case, work
         assert "bad_image" in str(info.value)
 
 
-def test_truncated_tar_is_a_counted_skip_naming_the_file(tmp_path, caplog):
+def test_truncated_tar_is_a_counted_skip_naming_the_file(write_shard, tmp_path, caplog):
     from proalign.data.shards import read_captions, tar_is_complete
     whole = write_shard(tmp_path / "whole-000.tar", good_members(20))
     data = whole.read_bytes()
@@ -89,7 +88,7 @@ def test_truncated_tar_is_a_counted_skip_naming_the_file(tmp_path, caplog):
     assert not tar_is_complete(str(after_member))
 
 
-def test_json_that_is_not_an_object_is_a_bad_json_skip(tmp_path):
+def test_json_that_is_not_an_object_is_a_bad_json_skip(write_shard, tmp_path):
     from proalign.data.shards import read_captions
     shard = write_shard(tmp_path / "list-000.tar", good_members(3) + [("odd.jpg", _jpeg()), ("odd.json", b"[1, 2]")])
     skips = Counter()
@@ -100,7 +99,7 @@ def test_json_that_is_not_an_object_is_a_bad_json_skip(tmp_path):
     assert batcher.skips["bad_json"] >= 1
 
 
-def test_unsafe_member_names_are_counted_and_skipped(tmp_path):
+def test_unsafe_member_names_are_counted_and_skipped(write_shard, tmp_path):
     from proalign.data.shards import read_captions
     members = good_members(2) + [("../evil.jpg", _jpeg()),
                                  ("../evil.json", json.dumps({"captions": {"en": ["up"]}}).encode()),
@@ -111,7 +110,7 @@ def test_unsafe_member_names_are_counted_and_skipped(tmp_path):
     assert [t for _, t in items] == ["cap 0", "cap 1"] and skips["unsafe_member_name"] == 2
 
 
-def test_shard_edited_in_place_with_the_same_size_is_re_encoded_and_refused_stale(tmp_path):
+def test_shard_edited_in_place_with_the_same_size_is_re_encoded_and_refused_stale(write_shard, tmp_path):
     from proalign.data.cache import EmbeddingCache, StaleCacheError
     shard = write_shard(tmp_path / "edit-000.tar", good_members(4))
     cache = EmbeddingCache(tmp_path / "cache", "llm", "f" * 16)
@@ -165,24 +164,24 @@ def _train_cfg(steps, every):
 
 def test_nonfinite_losses_in_the_last_steps_fail_and_keep_the_last_good_checkpoint(tmp_path):
     from proalign.config import RunConfig
-    from proalign.engine import NonFiniteLossError, StageTask, train
+    from proalign.train import NonFiniteLossError, train
     StageTask.register(_Diverging)
     task = _Diverging(bad_from=8)  # steps 9 and 10 are NaN: fewer than max_nonfinite_steps
     task.train_cfg = _train_cfg(10, 5)
     with pytest.raises(NonFiniteLossError, match=r"last 2 step\(s\) gave non-finite losses.*step-0000005"):
-        train(task, RunConfig(device="cpu"), tmp_path, progress=False)
+        train(task, Runtime(device="cpu"), tmp_path, progress=False)
     done = sorted(p.name for p in (tmp_path / "diverge" / "checkpoints").iterdir() if p.is_dir())
     assert done == ["step-0000005"]
 
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     from proalign.config import RunConfig
-    from proalign.engine import NonFiniteLossError, train
+    from proalign.train import NonFiniteLossError, train
     task = _Diverging(bad_from=100)
     task.after_step = lambda: task.w.data.fill_(float("inf")) if task.step == 4 else None
     task.train_cfg = _train_cfg(6, 2)
     with pytest.raises(NonFiniteLossError, match="non-finite weights"):
-        train(task, RunConfig(device="cpu"), tmp_path, progress=False)
+        train(task, Runtime(device="cpu"), tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "diverge" / "checkpoints").iterdir() if p.is_dir()] == ["step-0000002"]
 
 
@@ -216,7 +215,7 @@ def test_deepspeed_resume_never_unpickles(tmp_path):
     guard: a crafted *_model_states.pt is refused and its command never runs."""
     import pickle
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from proalign.engine import load_deepspeed_checkpoint, weights_only_loads
+    from proalign.train.backends import load_deepspeed_checkpoint, weights_only_loads
     marker = tmp_path / "pwned"
     crafted = tmp_path / "state" / "mp_rank_00_model_states.pt"
     crafted.parent.mkdir()
@@ -255,7 +254,7 @@ eng.save_checkpoint({str(tmp_path / 'ck')!r}, tag="state")
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from proalign.engine import weights_only_loads
+    from proalign.train.backends import weights_only_loads
     files = sorted((tmp_path / "ck" / "state").glob("*.pt"))
     assert any("optim_states" in f.name for f in files)
     with weights_only_loads():
@@ -276,8 +275,7 @@ def test_small_languages_weigh_by_their_images_in_every_mean(tmp_path):
     assert "weighted by its number of images" in text and "| xm | m | 0.012 |" in text
 
 
-def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(tmp_path):
-    from conftest import run_cli
+def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(run_cli, tmp_path):
     shard = tmp_path / "empty-000.tar"
     shard.write_bytes(b"")
     proc = run_cli(["stage2", "--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=output_dir={tmp_path / 'run'}",
@@ -288,7 +286,7 @@ def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr) < 5000  # no flood of repeated warnings
 
 
-def test_cache_encodes_each_text_once_per_build_and_knows_its_languages(tmp_path):
+def test_cache_encodes_each_text_once_per_build_and_knows_its_languages(write_shard, tmp_path):
     from proalign.data.cache import EmbeddingCache, StaleCacheError
     multi = [(f"s{i}.jpg", _jpeg()) for i in range(4)]
     metas = [{"captions": {"en": ["cat" if i % 2 else "dog"], "de": ["Katze" if i % 2 else "Hund"]}} for i in range(4)]
@@ -344,7 +342,7 @@ def _sidecar_with_flipped_tensor_bytes(path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["flipped_bytes", "truncated"])
-def test_corrupted_cache_sidecar_is_refused_in_training_and_re_encoded_by_cache(tmp_path, damage):
+def test_corrupted_cache_sidecar_is_refused_in_training_and_re_encoded_by_cache(write_shard, tmp_path, damage):
     """A sidecar whose tensor bytes changed after it was written (bit rot, a bad copy) or that was
     cut short: reading it for training raises the stale-cache error naming the file; `build`
     (`proalign cache`) re-encodes it to the same rows."""

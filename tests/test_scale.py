@@ -7,10 +7,9 @@ import torch
 
 from proalign.data.cache import EmbeddingCache, PairedFeatureStream
 
-from conftest import write_shard
 
 
-def _caption_shards(tmp_path, shards=3, per_shard=7):
+def _caption_shards(write_shard, tmp_path, shards=3, per_shard=7):
     """JSON-only shards (stage 1 reads no images): sample k of shard s has the caption `s-k`."""
     urls = []
     for s in range(shards):
@@ -34,9 +33,9 @@ def _paired(tmp_path, urls, dtype="float32"):
 
 
 @pytest.mark.parametrize("shards", [3, 1])  # by shard, and rows round-robin when shards < readers
-def test_paired_stream_splits_every_epoch_disjointly_across_ranks(tmp_path, monkeypatch, shards):
+def test_paired_stream_splits_every_epoch_disjointly_across_ranks(write_shard, tmp_path, monkeypatch, shards):
     import proalign.data.cache as cache_module
-    urls = _caption_shards(tmp_path, shards)
+    urls = _caption_shards(write_shard, tmp_path, shards)
     llm, teacher = _paired(tmp_path, urls)
     total = shards * 7
     seen = []
@@ -51,8 +50,8 @@ def test_paired_stream_splits_every_epoch_disjointly_across_ranks(tmp_path, monk
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == total
 
 
-def test_paired_stream_shuffles_per_epoch_and_replays_exactly(tmp_path):
-    urls = _caption_shards(tmp_path)
+def test_paired_stream_shuffles_per_epoch_and_replays_exactly(write_shard, tmp_path):
+    urls = _caption_shards(write_shard, tmp_path)
     llm, teacher = _paired(tmp_path, urls)
     take = lambda n: [tuple(next(s)["llm"].tolist()) for s in [iter(PairedFeatureStream(  # noqa: E731
         urls, llm, teacher, ["en"], seed=3, shuffle_buffer=5))] for _ in range(n)]
@@ -81,8 +80,8 @@ def test_training_never_loads_a_whole_cache(tiny_cfg, monkeypatch):
     run_stage2(tiny_cfg, progress=False)
 
 
-def test_half_precision_cache_halves_the_bytes_and_reads_back_as_float32(tmp_path):
-    urls = _caption_shards(tmp_path, shards=1, per_shard=200)
+def test_half_precision_cache_halves_the_bytes_and_reads_back_as_float32(write_shard, tmp_path):
+    urls = _caption_shards(write_shard, tmp_path, shards=1, per_shard=200)
     wide = lambda texts: torch.randn(len(texts), 512, generator=torch.Generator().manual_seed(0))  # noqa: E731
     sizes = {}
     for dtype in ("float32", "bfloat16", "float16"):
@@ -157,16 +156,15 @@ QWEN3 = ["embedder.arch={model_type: qwen3, hidden_size: 64, num_hidden_layers: 
          "embedder.pooling=last", "embedder.instruction=Given an emoji name, retrieve the emoji"]
 
 
-def _qwen3_cfg(tmp_path, *extra):
-    from conftest import ROOT
+def _qwen3_cfg(repo_root, tmp_path, *extra):
     from proalign.config import load_config
-    return load_config(ROOT / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'run'}",
+    return load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'run'}",
                                                             f"data.cache_dir={tmp_path / 'cache'}", *QWEN3, *extra])
 
 
-def test_decoder_embedder_pools_the_last_real_token_under_left_padding(tmp_path):
+def test_decoder_embedder_pools_the_last_real_token_under_left_padding(repo_root, tmp_path):
     from proalign.models.embedder import TextEmbedder
-    cfg = _qwen3_cfg(tmp_path)
+    cfg = _qwen3_cfg(repo_root, tmp_path)
     embedder = TextEmbedder.from_config(cfg.embedder)
     assert type(embedder.model).__name__ == "Qwen3Model" and embedder.tokenizer.padding_side == "left"
     texts = ["cat", "a grinning face with big eyes and a wide open mouth"]
@@ -183,14 +181,14 @@ def test_decoder_embedder_pools_the_last_real_token_under_left_padding(tmp_path)
     assert torch.allclose(embedder.encode(texts), alone, atol=1e-5)
 
 
-def test_decoder_embedder_runs_cache_stage1_stage2_and_coop(tmp_path):
+def test_decoder_embedder_runs_cache_stage1_stage2_and_coop(repo_root, tmp_path):
     from safetensors.torch import load_file
     from proalign.models.proclip import ProCLIP
     from proalign.stages.cache import run_cache
     from proalign.stages.coop import run_coop
     from proalign.stages.stage1 import run_stage1
     from proalign.stages.stage2 import run_stage2
-    cfg = _qwen3_cfg(tmp_path, "embedder.dtype=bfloat16", "embedder.gradient_checkpointing=true",
+    cfg = _qwen3_cfg(repo_root, tmp_path, "embedder.dtype=bfloat16", "embedder.gradient_checkpointing=true",
                      "data.llm_cache_dtype=bfloat16", "stage1.train.steps=4", "stage2.train.steps=4",
                      "stage2.train.eval_every=0", "data.max_eval_samples=20", "coop.epochs=1",
                      "coop.classes_per_step=16", "coop.eval_languages=[en]")
@@ -206,10 +204,10 @@ def test_decoder_embedder_runs_cache_stage1_stage2_and_coop(tmp_path):
     assert next(model.embedder.parameters()).dtype == torch.bfloat16  # the file keeps the embedder's settings
 
 
-def test_gradient_checkpointing_gives_the_same_context_gradient(tmp_path):
+def test_gradient_checkpointing_gives_the_same_context_gradient(repo_root, tmp_path):
     from proalign.models.embedder import TextEmbedder
     from proalign.models.prompt import PromptLearner
-    cfg = _qwen3_cfg(tmp_path)
+    cfg = _qwen3_cfg(repo_root, tmp_path)
     grads = []
     for checkpointing in (False, True):
         cfg.embedder.gradient_checkpointing = checkpointing
@@ -230,12 +228,13 @@ class _Contrastive:
     @staticmethod
     def make(batch_size, accum_steps, steps=2):
         from proalign.config import OptimConfig, TrainConfig
-        from proalign.engine import StageTask
-        from proalign.losses import Objective
+        from proalign.train import StageTask
         from proalign.models.logit_scale import LogitScale
 
         class Task(StageTask):
             name = "toy"
+
+            provides = ("image", "text", "logit_scale", "student", "teacher")
 
             def __init__(self):
                 super().__init__()
@@ -244,7 +243,7 @@ class _Contrastive:
                 torch.manual_seed(1)
                 self.image, self.text = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
                 self.logit_scale = LogitScale(10.0, 100.0)
-                self.objective = Objective({"contrastive": 1.0, "structure": 0.5})
+                self.objective = self.build_objective({"contrastive": 1.0, "structure": 0.5})
                 self.train_cfg = TrainConfig(steps=steps, batch_size=batch_size, accum_steps=accum_steps,
                                              checkpoint_every=100, log_every=1,
                                              optim=OptimConfig(optimizer="sgd", lr=0.5, momentum=0.0, grad_clip=None))
@@ -268,20 +267,20 @@ class _Contrastive:
 def test_gradient_accumulation_equals_the_whole_batch(tiny_cfg, tmp_path):
     """2 x 8 accumulated = one batch of 16: InfoNCE negatives, structure pairs and the logit
     scale's gradient (counted once) span the accumulated batch."""
-    from proalign import engine
+    from proalign.train import Runtime, train
     whole, accumulated = _Contrastive.make(16, 1), _Contrastive.make(8, 2)
-    engine.train(whole, tiny_cfg, tmp_path / "whole", progress=False)
-    engine.train(accumulated, tiny_cfg, tmp_path / "accum", progress=False)
+    train(whole, Runtime.of(tiny_cfg), tmp_path / "whole", progress=False)
+    train(accumulated, Runtime.of(tiny_cfg), tmp_path / "accum", progress=False)
     for (name, a), b in zip(whole.training_state().items(), accumulated.training_state().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     rows = lambda run: [json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")]  # noqa: E731
     assert rows("whole") == pytest.approx(rows("accum"), rel=1e-6)
 
 
-def test_cache_build_resumes_per_shard_after_a_crash(tmp_path):
+def test_cache_build_resumes_per_shard_after_a_crash(write_shard, tmp_path):
     """A build killed in its second shard keeps the first shard's sidecar (written atomically) and
     the next build encodes only what is missing."""
-    urls = _caption_shards(tmp_path, shards=3)
+    urls = _caption_shards(write_shard, tmp_path, shards=3)
     cache = EmbeddingCache(tmp_path / "cache", "llm", "d" * 16)
     calls = []
 

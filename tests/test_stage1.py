@@ -8,7 +8,6 @@ from proalign.stages.cache import build_caches
 from proalign.stages.stage1 import run_stage1
 from proalign.data.cache import EmbeddingCache, StaleCacheError
 
-from conftest import run_cli
 
 
 def test_stage1_learns_and_reports(tiny_cfg, capsys):
@@ -24,14 +23,13 @@ def test_stage1_learns_and_reports(tiny_cfg, capsys):
 
 
 @pytest.mark.slow  # two CLI processes, one killed with SIGKILL (CI runs the slow set after the default one)
-def test_stage1_resume_after_kill_gives_same_adapter(tmp_path, shared_cache):
+def test_stage1_resume_after_kill_gives_same_adapter(run_cli, kill_at_step, tmp_path, shared_cache):
     common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={shared_cache}",
               "--set=stage1.train.steps=40", "--set=stage1.train.checkpoint_every=10"]
     from proalign.config import load_config  # the uninterrupted run in-process (the same seeding as the CLI)
     run_stage1(load_config("configs/tiny-cpu.yaml", [a.split("=", 1)[1] for a in common if a.startswith("--set=")]
                            + [f"output_dir={tmp_path / 'full'}"]), progress=False)
-    killed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}"],
-                     env={"PROALIGN_KILL_AT_STEP": "25"})
+    killed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}"], code=kill_at_step(25))
     assert killed.returncode == -9
     resumed = run_cli(["stage1", *common, f"--set=output_dir={tmp_path / 'crash'}", "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -91,17 +89,17 @@ def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tiny_cfg, 
     to an uninterrupted one."""
     import os
     import signal
-    from proalign import engine
     from proalign.cli import main
+    from proalign.train import loop
     common = ["--config", "configs/tiny-cpu.yaml", "--no-progress", f"--set=data.cache_dir={tiny_cfg.data.cache_dir}",
               "--set=stage1.train.steps=30", "--set=stage1.train.checkpoint_every=20"]
     assert main(["stage1", *common, f"--set=output_dir={tmp_path / 'full'}"]) == 0
-    monkeypatch.setattr(engine, "_kill_hook", lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 13 else None)
+    monkeypatch.setattr(loop, "STEP_HOOKS", [lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 13 else None])
     assert main(["stage1", *common, f"--set=output_dir={tmp_path / 'cut'}"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "stage1: stopped by SIGTERM after step 13" in err and "step-0000013" in err and "--resume" in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
-    monkeypatch.setattr(engine, "_kill_hook", lambda step: None)
+    monkeypatch.setattr(loop, "STEP_HOOKS", [])
     assert main(["stage1", *common, f"--set=output_dir={tmp_path / 'cut'}", "--resume"]) == 0
     a = load_file(str(tmp_path / "full" / "stage1.safetensors"))
     b = load_file(str(tmp_path / "cut" / "stage1.safetensors"))
@@ -115,8 +113,10 @@ def test_resume_applies_a_new_learning_rate_and_refuses_a_new_batch_size(tiny_cf
     import logging
     from pathlib import Path
     from proalign.config import ConfigError
-    from proalign.engine import lr_lambda
+    from proalign.stages.common import write_run_config
+    from proalign.train.optim import lr_lambda
     tiny_cfg.stage1.train.steps, tiny_cfg.stage1.train.checkpoint_every = 20, 10
+    write_run_config(tiny_cfg, "stage1")  # what the CLI does before a stage
     run_stage1(tiny_cfg, progress=False)
     config_yaml = Path(tiny_cfg.output_dir) / "config.yaml"
     written = config_yaml.read_bytes()
@@ -126,7 +126,10 @@ def test_resume_applies_a_new_learning_rate_and_refuses_a_new_batch_size(tiny_cf
             changed.seed = value
         else:
             changed.stage1.train.batch_size = value
-        with pytest.raises(ConfigError, match=rf"--resume: .*{'seed: 0 -> 5' if field == 'seed' else 'stage1.train.batch_size: 64 -> 32'}"):
+        refused = rf"--resume: .*{'seed: 0 -> 5' if field == 'seed' else 'stage1.train.batch_size: 64 -> 32'}"
+        with pytest.raises(ConfigError, match=refused):
+            write_run_config(changed, "stage1", resume=True)
+        with pytest.raises(ConfigError, match=refused):
             run_stage1(changed, resume=True, progress=False)
         assert config_yaml.read_bytes() == written
     tiny_cfg.stage1.train.steps, tiny_cfg.stage1.train.optim.lr = 30, 0.004

