@@ -68,11 +68,9 @@ def _dist_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_gathered_infonce_equals_single_process(tmp_path):
-    import random
+def test_gathered_infonce_equals_single_process(free_port, tmp_path):
     import torch.multiprocessing as mp
-    port = random.randint(20000, 40000)
-    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     g = torch.Generator().manual_seed(0)
     image = torch.randn(8, 16, generator=g).requires_grad_(True)
     text = torch.randn(8, 16, generator=g).requires_grad_(True)
@@ -109,10 +107,10 @@ def _launch_env(repo_root, tmp_path):
 
 
 @pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
-def test_deepspeed_two_ranks_end_with_identical_weights(repo_root, tmp_path, shared_cache):
+def test_deepspeed_two_ranks_end_with_identical_weights(repo_root, free_port, tmp_path, shared_cache):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     out = tmp_path / "ds"
-    cmd = [launcher, "--num_gpus", "2", "--master_port", "29617", "stages/stage2_align.py",
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "stages/stage2_align.py",
            "--config", "configs/tiny-cpu.yaml", "--no-progress",
            "--set", f"output_dir={out}", "--set", f"data.cache_dir={shared_cache}",
            "--set", "deepspeed=configs/deepspeed/zero1.json", "--set", "stage2.train.steps=4",
@@ -162,13 +160,13 @@ def test_stage2_resume_after_kill_matches_uninterrupted_run(run_cli, kill_at_ste
 
 
 @pytest.mark.slow  # multi-process launch (CI runs the slow set after the default one)
-def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(repo_root, tmp_path, shared_cache):
+def test_torchrun_two_ranks_cache_their_own_shards_then_train_plain_torch(repo_root, free_port, tmp_path, shared_cache):
     """Both ranks encode a disjoint share of the shards (byte-identical to the one-process cache),
     then train with DDP to identical replicas; the frozen embedder is in no checkpoint."""
     from safetensors.torch import load_file
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out, cache = tmp_path / "ddp", tmp_path / "cache"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29631", "stages/stage2_align.py",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "stages/stage2_align.py",
            "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
            "--set", f"data.cache_dir={cache}", "--set", "stage2.train.steps=4", "--set", "stage2.train.checkpoint_every=4",
            "--set", "stage2.train.batch_size=8", "--set", "data.max_eval_samples=20"]
