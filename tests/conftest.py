@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite (the only place they live): the repository root, the CLI in
 a subprocess, shard writing, free ports, the float64 loss oracles, the tiny config with its
 session-wide embedding cache, and a tiny trained model."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -190,3 +191,92 @@ def _write_shard(path, members):
 def write_shard():
     """write_shard(path, [(member name, bytes), ...]) -> path."""
     return _write_shard
+
+
+# ----------------------------------------------------------------------------- small datasets on disk
+# Four classes of flat-colour images (shades per image), as an image folder and as a CoOp split.
+
+TOY_CLASSES = ["golden_retriever", "red_fox", "tabby_cat", "zebra"]
+
+
+TOY_COLOURS = {"golden_retriever": (200, 160, 60), "red_fox": (200, 60, 30), "tabby_cat": (120, 120, 120),
+           "zebra": (20, 20, 20)}
+
+
+TOY_PER_CLASS = 4
+
+
+def _toy_image(path, colour, shade):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (36, 36), tuple(min(255, c + 10 * shade) for c in colour)).save(path)
+
+
+@pytest.fixture
+def imagefolder(tmp_path):
+    root = tmp_path / "folder"
+    for cls in TOY_CLASSES:
+        for i in range(TOY_PER_CLASS):
+            _toy_image(root / cls / f"{i}.png", TOY_COLOURS[cls], i)
+    names = tmp_path / "classnames"
+    names.mkdir()
+    (names / "de.txt").write_text("golden_retriever Golden Retriever\nred_fox Rotfuchs\ntabby_cat Tigerkatze\n"
+                                  "zebra Zebra\n", encoding="utf-8")
+    (names / "ja.json").write_text(json.dumps(["ゴールデンレトリバー", "アカギツネ", "トラ猫", "シマウマ"]), encoding="utf-8")
+    return root, names
+
+
+@pytest.fixture
+def coop_split(tmp_path):
+    root = tmp_path / "coopdata"
+    entries = {"train": [], "val": [], "test": []}
+    for label, cls in enumerate(TOY_CLASSES):
+        for i in range(TOY_PER_CLASS):
+            rel = f"{cls}/{i}.png"
+            _toy_image(root / "images" / rel, TOY_COLOURS[cls], i)
+            entries["train" if i < 2 else "val" if i == 2 else "test"].append([rel, label + 10, cls])
+    (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture
+def toy_classes():
+    """The classes of `imagefolder` and `coop_split`, and their images per class."""
+    from types import SimpleNamespace
+    return SimpleNamespace(names=list(TOY_CLASSES), per_class=TOY_PER_CLASS)
+
+
+@pytest.fixture
+def model_file(tiny_cfg, tmp_path):
+    import torch
+    from proalign.models.proclip import ProCLIP
+    torch.manual_seed(0)
+    path = tmp_path / "stage2.safetensors"
+    ProCLIP.from_config(tiny_cfg).save(path, {"stage": "stage2"})
+    return path
+
+
+def _jpg(path: Path, colour=(200, 30, 30)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+@pytest.fixture(scope="session")
+def write_jpg():
+    """write_jpg(path, colour=(200, 30, 30)): a 16x16 JPEG (folders made)."""
+    return _jpg
+
+
+@pytest.fixture(scope="session")
+def urban1k():
+    """urban1k(root) -> root: an Urban-1k layout with two captioned images."""
+    return _urban1k
+
+
+def _urban1k(root: Path) -> Path:
+    for n, text in [(1, "A long street scene with a red tram."), (2, "A square with many pigeons.")]:
+        (root / "caption").mkdir(parents=True, exist_ok=True)
+        (root / "caption" / f"{n}.txt").write_text(text + "\n")
+        _jpg(root / "image" / f"{n}.jpg")
+    return root

@@ -3,56 +3,13 @@ import json
 import pytest
 
 
-CLASSES = ["golden_retriever", "red_fox", "tabby_cat", "zebra"]
-
-
-COLOURS = {"golden_retriever": (200, 160, 60), "red_fox": (200, 60, 30), "tabby_cat": (120, 120, 120),
-           "zebra": (20, 20, 20)}
-
-
-PER_CLASS = 4
-
-
-def _image(path, colour, shade):
-    from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (36, 36), tuple(min(255, c + 10 * shade) for c in colour)).save(path)
-
-
-@pytest.fixture
-def imagefolder(tmp_path):
-    root = tmp_path / "folder"
-    for cls in CLASSES:
-        for i in range(PER_CLASS):
-            _image(root / cls / f"{i}.png", COLOURS[cls], i)
-    names = tmp_path / "classnames"
-    names.mkdir()
-    (names / "de.txt").write_text("golden_retriever Golden Retriever\nred_fox Rotfuchs\ntabby_cat Tigerkatze\n"
-                                  "zebra Zebra\n", encoding="utf-8")
-    (names / "ja.json").write_text(json.dumps(["ゴールデンレトリバー", "アカギツネ", "トラ猫", "シマウマ"]), encoding="utf-8")
-    return root, names
-
-
-@pytest.fixture
-def coop_split(tmp_path):
-    root = tmp_path / "coopdata"
-    entries = {"train": [], "val": [], "test": []}
-    for label, cls in enumerate(CLASSES):
-        for i in range(PER_CLASS):
-            rel = f"{cls}/{i}.png"
-            _image(root / "images" / rel, COLOURS[cls], i)
-            entries["train" if i < 2 else "val" if i == 2 else "test"].append([rel, label + 10, cls])
-    (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
-    return root
-
-
-def test_imagefolder_reads_classes_and_names_per_language(imagefolder):
+def test_imagefolder_reads_classes_and_names_per_language(toy_classes, imagefolder):
     from proalign.data.classification import read_imagefolder
     root, names = imagefolder
     records = read_imagefolder(root, classnames=str(names))
-    assert records.classes == CLASSES and len(records.items) == len(CLASSES) * PER_CLASS
+    assert records.classes == toy_classes.names and len(records.items) == len(toy_classes.names) * toy_classes.per_class
     assert records.names[1] == {"en": ["red fox"], "de": ["Rotfuchs"], "ja": ["アカギツネ"]}
-    assert {label for _, label in records.items} == set(range(len(CLASSES)))
+    assert {label for _, label in records.items} == set(range(len(toy_classes.names)))
 
 
 def test_coop_split_reads_its_split_with_labels_and_names(coop_split):
@@ -89,7 +46,7 @@ def test_classnames_file_with_wrong_line_count_is_named(imagefolder, tmp_path):
         read_imagefolder(root, classnames=str(bad))
 
 
-def test_few_shot_subsets_are_stable_per_seed_and_differ_across_seeds(imagefolder):
+def test_few_shot_subsets_are_stable_per_seed_and_differ_across_seeds(toy_classes, imagefolder):
     from proalign.data.classification import few_shot, read_imagefolder
     records = read_imagefolder(imagefolder[0])
     one = [p for p, _ in few_shot(records, 2, seed=1).items]
@@ -98,5 +55,5 @@ def test_few_shot_subsets_are_stable_per_seed_and_differ_across_seeds(imagefolde
     counts = {}
     for _, label in few_shot(records, 2, seed=3).items:
         counts[label] = counts.get(label, 0) + 1
-    assert counts == {i: 2 for i in range(len(CLASSES))}
+    assert counts == {i: 2 for i in range(len(toy_classes.names))}
     assert len(few_shot(records, 99, seed=1).items) == len(records.items)  # small classes: all of theirs

@@ -2,23 +2,9 @@
 import json
 from pathlib import Path
 import pytest
-from PIL import Image
 
 
-def _jpg(path: Path, colour=(200, 30, 30)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 16), colour).save(path)
-
-
-def _urban1k(root: Path) -> Path:
-    for n, text in [(1, "A long street scene with a red tram."), (2, "A square with many pigeons.")]:
-        (root / "caption").mkdir(parents=True, exist_ok=True)
-        (root / "caption" / f"{n}.txt").write_text(text + "\n")
-        _jpg(root / "image" / f"{n}.jpg")
-    return root
-
-
-def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
+def test_eval_command_writes_table_and_plots(urban1k, write_jpg, tiny_cfg, tmp_path):
     import yaml
     from proalign.cli import main
     from proalign.config import config_to_dict
@@ -26,10 +12,10 @@ def test_eval_command_writes_table_and_plots(tiny_cfg, tmp_path):
     model_file = tmp_path / "model.safetensors"
     ProCLIP.from_config(tiny_cfg).save(model_file)
     raw = config_to_dict(tiny_cfg)
-    urban = _urban1k(tmp_path / "Urban1k")
+    urban = urban1k(tmp_path / "Urban1k")
     long_caption = " ".join(["A narrow street with red brick houses and a bakery on the corner."] * 10)
     (urban / "caption" / "3.txt").write_text(long_caption)  # > 77 CLIP tokens, > 64 embedder tokens
-    _jpg(urban / "image" / "3.jpg")
+    write_jpg(urban / "image" / "3.jpg")
     raw["eval"] = {"models": {"tiny": str(model_file)}, "datasets": [
         {"name": "emoji", "format": "shards", "path": "data_shards/emoji-test-000.tar", "max_samples": 20,
          "languages": ["en", "th", "am"]},

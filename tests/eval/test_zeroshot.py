@@ -4,58 +4,6 @@ import pytest
 import torch
 
 
-CLASSES = ["golden_retriever", "red_fox", "tabby_cat", "zebra"]
-
-
-COLOURS = {"golden_retriever": (200, 160, 60), "red_fox": (200, 60, 30), "tabby_cat": (120, 120, 120),
-           "zebra": (20, 20, 20)}
-
-
-PER_CLASS = 4
-
-
-def _image(path, colour, shade):
-    from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (36, 36), tuple(min(255, c + 10 * shade) for c in colour)).save(path)
-
-
-@pytest.fixture
-def imagefolder(tmp_path):
-    root = tmp_path / "folder"
-    for cls in CLASSES:
-        for i in range(PER_CLASS):
-            _image(root / cls / f"{i}.png", COLOURS[cls], i)
-    names = tmp_path / "classnames"
-    names.mkdir()
-    (names / "de.txt").write_text("golden_retriever Golden Retriever\nred_fox Rotfuchs\ntabby_cat Tigerkatze\n"
-                                  "zebra Zebra\n", encoding="utf-8")
-    (names / "ja.json").write_text(json.dumps(["ゴールデンレトリバー", "アカギツネ", "トラ猫", "シマウマ"]), encoding="utf-8")
-    return root, names
-
-
-@pytest.fixture
-def coop_split(tmp_path):
-    root = tmp_path / "coopdata"
-    entries = {"train": [], "val": [], "test": []}
-    for label, cls in enumerate(CLASSES):
-        for i in range(PER_CLASS):
-            rel = f"{cls}/{i}.png"
-            _image(root / "images" / rel, COLOURS[cls], i)
-            entries["train" if i < 2 else "val" if i == 2 else "test"].append([rel, label + 10, cls])
-    (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
-    return root
-
-
-@pytest.fixture
-def model_file(tiny_cfg, tmp_path):
-    from proalign.models.proclip import ProCLIP
-    torch.manual_seed(0)
-    path = tmp_path / "stage2.safetensors"
-    ProCLIP.from_config(tiny_cfg).save(path, {"stage": "stage2"})
-    return path
-
-
 def test_classification_metrics_match_a_hand_computation():
     from proalign.eval.zeroshot import classification_metrics
     # 6 images, 6 classes; rows are scores, the true class of each image is `labels`
@@ -116,7 +64,7 @@ def test_zero_shot_accuracy_per_language_of_the_class_names():
     assert rows["ja"]["top1"] == 0.5 and rows["ja"]["mean_per_class_recall"] == 0.5 and rows["ja"]["top5"] == 1.0
 
 
-def test_eval_reports_zero_shot_classification_on_both_layouts(tiny_cfg, model_file, imagefolder, coop_split, tmp_path):
+def test_eval_reports_zero_shot_classification_on_both_layouts(toy_classes, tiny_cfg, model_file, imagefolder, coop_split, tmp_path):
     from proalign.config import EvalDatasetConfig, _format_options
     from proalign.eval.runner import run_eval
     root, names = imagefolder
@@ -133,7 +81,7 @@ def test_eval_reports_zero_shot_classification_on_both_layouts(tiny_cfg, model_f
     folder_rows = [r for r in rows if r["dataset"] == "toy-folder"]
     assert {r["language"] for r in folder_rows} == {"en", "de", "ja"}
     assert {r["model"] for r in folder_rows} == {"CLIP text tower", "tiny"}
-    assert all(r["images"] == len(CLASSES) * PER_CLASS and 0 <= r["top1"] <= r["top5"] <= 1 for r in folder_rows)
+    assert all(r["images"] == len(toy_classes.names) * toy_classes.per_class and 0 <= r["top1"] <= r["top5"] <= 1 for r in folder_rows)
     coop_rows = [r for r in rows if r["dataset"] == "toy-coop"]
-    assert {r["images"] for r in coop_rows} == {len(CLASSES)}  # the test split only
+    assert {r["images"] for r in coop_rows} == {len(toy_classes.names)}  # the test split only
     assert (tmp_path / "eval" / "toy-folder_top1.png").exists()

@@ -1,46 +1,6 @@
 """CoOp's protocol: every (shots, seed), skips finished runs, resumes an interrupted one, base-to-new."""
-import json
 import os
 import pytest
-import torch
-
-
-CLASSES = ["golden_retriever", "red_fox", "tabby_cat", "zebra"]
-
-
-COLOURS = {"golden_retriever": (200, 160, 60), "red_fox": (200, 60, 30), "tabby_cat": (120, 120, 120),
-           "zebra": (20, 20, 20)}
-
-
-PER_CLASS = 4
-
-
-def _image(path, colour, shade):
-    from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (36, 36), tuple(min(255, c + 10 * shade) for c in colour)).save(path)
-
-
-@pytest.fixture
-def coop_split(tmp_path):
-    root = tmp_path / "coopdata"
-    entries = {"train": [], "val": [], "test": []}
-    for label, cls in enumerate(CLASSES):
-        for i in range(PER_CLASS):
-            rel = f"{cls}/{i}.png"
-            _image(root / "images" / rel, COLOURS[cls], i)
-            entries["train" if i < 2 else "val" if i == 2 else "test"].append([rel, label + 10, cls])
-    (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
-    return root
-
-
-@pytest.fixture
-def model_file(tiny_cfg, tmp_path):
-    from proalign.models.proclip import ProCLIP
-    torch.manual_seed(0)
-    path = tmp_path / "stage2.safetensors"
-    ProCLIP.from_config(tiny_cfg).save(path, {"stage": "stage2"})
-    return path
 
 
 def _split(root, name):
