@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .data.captions import CaptionField
 from .errors import ConfigError  # noqa: F401  (re-exported: `from proalign.config import ConfigError`)
 
 
@@ -135,6 +136,10 @@ class DataConfig:
     llm_cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Rows held in stage 1's shuffle buffer (cached captions, read one shard at a time).
     shuffle_buffer: int = 10000
+    # Where a sample's captions come from (proalign/data/captions.py): [{field, language, role}],
+    # field `txt` or a JSON field; empty: proalign's `captions` mapping, else img2dataset's .txt,
+    # else the JSON `caption`.
+    captions: list[CaptionField] = field(default_factory=list)
 
 
 @dataclass
@@ -169,6 +174,10 @@ class Stage1Config:
     # The objective: registered loss terms (proalign/losses.py) by name -> weight.
     losses: dict = field(default_factory=lambda: {"instance": 1.0, "structure": 1.0})
     reduction: Literal["sum", "mean"] = "sum"
+    # The batch the distillation terms see under data parallelism: `global` (the whole global
+    # batch: the loss is the same at any world size) or `local` (each rank's own batch, gradients
+    # averaged over ranks: the reference code's, which the paper's numbers come from).
+    scope: Literal["global", "local"] = "global"
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -180,6 +189,8 @@ class Stage2Config:
     init_logit_scale: float = 1.0 / 0.07
     max_logit_scale: float = 100.0
     reduction: Literal["sum", "mean"] = "sum"
+    # Of the self-distillation term (as stage1.scope); InfoNCE always spans the global batch.
+    scope: Literal["global", "local"] = "global"
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -379,7 +390,10 @@ def _build(cls: type, raw: dict, where: str = "") -> Any:
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own check (__post_init__), its message starting with the field
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
 def _check_ranges(cfg: RunConfig) -> None:

@@ -15,6 +15,7 @@ from .registry import Registry
 
 
 REDUCTIONS = ("sum", "mean")
+SCOPES = ("global", "local")
 
 
 def _reduce(per_element: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -192,9 +193,14 @@ class LossTerm(nn.Module):
     term = "term"
     needs: tuple[str, ...] = ()
 
-    def __init__(self, reduction: str = "sum"):
+    def __init__(self, reduction: str = "sum", scope: str = "global"):
         super().__init__()
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         self.reduction = reduction
+        # Under data parallelism: `global`, the term of the whole global batch (each rank its share);
+        # `local`, the term of this rank's own batch (the reference code; DDP averages the ranks).
+        self.gather = scope == "global"
 
 
 @register_loss("instance")
@@ -203,7 +209,7 @@ class InstanceTerm(LossTerm):
     needs = ("student", "teacher")
 
     def forward(self, f: dict) -> dict:
-        return {self.term: instance_term(f["student"], f["teacher"], self.reduction, gather=True)}
+        return {self.term: instance_term(f["student"], f["teacher"], self.reduction, gather=self.gather)}
 
 
 @register_loss("structure")
@@ -212,12 +218,13 @@ class StructureTerm(LossTerm):
     needs = ("student", "teacher")
 
     def forward(self, f: dict) -> dict:
-        return {self.term: structure_term(f["student"], f["teacher"], self.reduction, gather=True)}
+        return {self.term: structure_term(f["student"], f["teacher"], self.reduction, gather=self.gather)}
 
 
 @register_loss("contrastive")
 class ContrastiveTerm(LossTerm):
-    """Symmetric InfoNCE between image and text features on the global batch."""
+    """Symmetric InfoNCE between image and text features, local rows against the global batch
+    whatever the scope (open_clip's local_loss + gather_with_grad, as the reference)."""
     needs = ("image", "text", "logit_scale")
 
     def forward(self, f: dict) -> dict:
@@ -226,11 +233,11 @@ class ContrastiveTerm(LossTerm):
 
 @register_loss("self_distillation")
 class SelfDistillationTerm(LossTerm):
-    """Stage 2: the image tower against its EMA copy (instance + structure, global batch)."""
+    """Stage 2: the image tower against its EMA copy (instance + structure)."""
     needs = ("image", "ema_image")
 
     def forward(self, f: dict) -> dict:
-        total, parts = self_distillation_loss(f["image"], f["ema_image"], self.reduction)
+        total, parts = self_distillation_loss(f["image"], f["ema_image"], self.reduction, gather=self.gather)
         return {self.term: total, **parts}
 
 
@@ -254,7 +261,7 @@ class Objective(nn.Module):
     must be among them."""
 
     def __init__(self, weights: dict[str, float], reduction: str = "sum", where: str = "losses",
-                 provides: Optional[Iterable[str]] = None, task: str = "the task"):
+                 provides: Optional[Iterable[str]] = None, task: str = "the task", scope: str = "global"):
         super().__init__()
         classes = {name: LOSS_TERMS.get(name, f"{where}.{name}") for name in weights}
         self.weights = {name: float(w) for name, w in weights.items() if w != 0}
@@ -267,7 +274,7 @@ class Objective(nn.Module):
                 if missing:
                     raise ConfigError(f"{where}.{name}: the loss term needs {', '.join(missing)}, which {task} "
                                       f"does not compute (it provides: {', '.join(sorted(provided))})")
-        self.terms = nn.ModuleDict({name: classes[name](reduction) for name in self.weights})
+        self.terms = nn.ModuleDict({name: classes[name](reduction, scope) for name in self.weights})
 
     @property
     def needs(self) -> set[str]:

@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import ProalignError
 from ..storage import save_tensors
+from .captions import CaptionSpec
 from .shards import epoch_shards, expand_shards, read_captions, reader_partition
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class StaleCacheError(ProalignError, RuntimeError):
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # metadata keys every sidecar has; any other key is an extra summed by `load` (the teacher's truncations)
 _BASE_KEYS = ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips", "languages",
-              "ids", "dtype", "tensor_sha256")
+              "ids", "dtype", "tensor_sha256", "captions")
 
 
 class _Unusable(Exception):
@@ -80,11 +81,14 @@ class EmbeddingCache:
     """The sidecars of one encoder. `dtype` is the storage type of the rows (float16/bfloat16 halve
     the bytes of wide LLM features); rows are read back as float32."""
 
-    def __init__(self, root: str | Path, kind: str, fingerprint: str, dtype: str = "float32"):
+    def __init__(self, root: str | Path, kind: str, fingerprint: str, dtype: str = "float32",
+                 captions: Optional[CaptionSpec] = None):
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
         self.dir = Path(root) / f"{kind}-{fingerprint}"
         self.kind, self.fingerprint, self.dtype = kind, fingerprint, dtype
+        # which captions of a sample are read (data.captions): the caption ids depend on it
+        self.captions = captions or CaptionSpec()
 
     def sidecar(self, url: str) -> Path:
         name = Path(url).name
@@ -106,6 +110,8 @@ class EmbeddingCache:
             return "written by another encoder version"
         if meta.get("dtype", "float32") != self.dtype:
             return f"stored as {meta.get('dtype', 'float32')}, not {self.dtype}"
+        if meta.get("captions", "auto") != self.captions.key:
+            return "its captions were read from other caption fields (data.captions changed)"
         if meta.get("shard_size") != str(Path(url).stat().st_size) or meta.get("shard_sha256") != shard_digest(url):
             return "its shard changed since it was cached"
         cached = json.loads(meta.get("languages", "null"))
@@ -155,7 +161,7 @@ class EmbeddingCache:
             if reason != "missing":
                 log.warning("re-encoding %s: cache %s", url, reason)
             skips: Counter = Counter()
-            items = read_captions(url, languages, skips)
+            items = read_captions(url, languages, skips, self.captions)
             stats.update(skips)
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
@@ -177,6 +183,8 @@ class EmbeddingCache:
                     "samples": str(samples), "skips": json.dumps(dict(skips)), "dtype": self.dtype,
                     "languages": json.dumps(sorted(languages) if languages else None),
                     "ids": json.dumps(ids, ensure_ascii=False)}
+            if self.captions.fields:
+                meta["captions"] = self.captions.key
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
             stored = emb.float().to(STORAGE_DTYPES[self.dtype])

@@ -36,7 +36,8 @@ def load_dataset(fmt: str, path, preprocess: Callable, options=None, languages: 
     if entry.task != "retrieval":
         raise ValueError(f"dataset format {fmt!r} is a {entry.task} format (use load_classification)")
     if entry.decoded:
-        return entry.read(path, preprocess, max_samples=max_samples, skips=skips)
+        return entry.read(path, preprocess, max_samples=max_samples, skips=skips,
+                          **(vars(options) if options is not None else {}))
     records = read_dataset(fmt, path, languages, **(vars(options) if options is not None else {}))
     return load_records(records, preprocess, max_samples, skips)
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .captions import CaptionField
 from .formats import DatasetFormatError, Record, image_inside, json_lines, need_file, record_field, register_format
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,17 @@ def read_jsonl(path: str | Path) -> list[Record]:
     return records
 
 
-@register_format("shards", decoded=True)
-def read_shards(path, preprocess: Callable, max_samples: Optional[int] = None, skips: Optional[Counter] = None):
+@dataclass
+class ShardOptions:
+    # where a sample's captions come from, as `data.captions` (empty: auto)
+    captions: list[CaptionField] = field(default_factory=list)
+
+
+@register_format("shards", ShardOptions, decoded=True)
+def read_shards(path, preprocess: Callable, max_samples: Optional[int] = None, skips: Optional[Counter] = None,
+                captions: Sequence = ()):
     """webdataset shards (a brace pattern, glob or list): decoded by the shard reader."""
+    from .captions import CaptionSpec
     from .shards import expand_shards, load_image_text
-    return load_image_text(expand_shards(path), preprocess, max_samples=max_samples, skips=skips)
+    return load_image_text(expand_shards(path), preprocess, max_samples=max_samples, skips=skips,
+                           captions=CaptionSpec(captions))

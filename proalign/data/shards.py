@@ -1,6 +1,7 @@
 """Read image-text webdataset shards.
 
-Sample: `<key>.{jpg,png}` + `<key>.json` holding `{"captions": {"en": [...], "de": [...]}, "label": ...}`.
+Sample: `<key>.{jpg,png}` + `<key>.json` holding `{"captions": {"en": [...], "de": [...]}, "label": ...}`,
+or the layouts of img2dataset and multi-caption shards (`data.captions`, proalign/data/captions.py).
 Corrupt images, unreadable JSON and samples without a usable caption are skipped and counted,
 never a crash mid-epoch. Splitting: shards across ranks/workers when there are enough of them,
 otherwise samples round-robin, so every rank sees a disjoint part of each epoch.
@@ -21,12 +22,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..distributed import rank_and_world
 from ..errors import ProalignError
+from .captions import CaptionSpec, caption_items
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
 log = logging.getLogger(__name__)
 # An endless stream stops after this many passes in a row without one usable sample (zero-byte
 # shards, every image corrupt) instead of spinning forever.
 MAX_EMPTY_PASSES = 2
+AUTO_CAPTIONS = CaptionSpec()
 # Image members of a shard sample, and image files in a folder, in order of preference.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -91,38 +94,20 @@ def iter_raw_samples(url: str, skips: Optional[Counter] = None) -> Iterator[dict
                     ", dropped the last one, which the cut may have split" if pending is not None else "")
 
 
-def parse_meta(sample: dict, where: str) -> dict:
-    if "json" not in sample:
-        raise ValueError(f"{where}: sample {sample.get('__key__')!r} has no .json")
-    meta = json.loads(sample["json"])
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where}: sample {sample.get('__key__')!r}: the .json is a {type(meta).__name__}, "
-                         f"not an object")
-    caps = meta.get("captions")
-    if not isinstance(caps, dict):
-        raise ValueError(f"{where}: sample {sample.get('__key__')!r}: 'captions' must map language -> list")
-    return meta
+def parse_meta(sample: dict, where: str, captions: Optional[CaptionSpec] = None) -> dict:
+    """A sample's JSON metadata with its `captions` ({language: [text]}) and `caption_roles`, read
+    as `captions` says (default: auto, see proalign/data/captions.py)."""
+    return (captions or AUTO_CAPTIONS).read(sample, where)
 
 
-def caption_items(meta: dict, key: str, languages: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
-    """[(caption_id, text)] for non-empty captions; id = `key|lang|index`."""
-    out = []
-    for lang, texts in meta["captions"].items():
-        if languages and lang not in languages:
-            continue
-        for i, text in enumerate([texts] if isinstance(texts, str) else texts):
-            if isinstance(text, str) and text.strip():
-                out.append((f"{key}|{lang}|{i}", text.strip()))
-    return out
-
-
-def read_captions(url: str, languages: Optional[Sequence[str]] = None, skips: Optional[Counter] = None):
+def read_captions(url: str, languages: Optional[Sequence[str]] = None, skips: Optional[Counter] = None,
+                  captions: Optional[CaptionSpec] = None):
     """[(caption_id, text)] of one shard; malformed records are skipped and counted."""
     skips = skips if skips is not None else Counter()
     items = []
     for sample in iter_raw_samples(url, skips):
         try:
-            meta = parse_meta(sample, url)
+            meta = parse_meta(sample, url, captions)
         except (ValueError, json.JSONDecodeError) as err:
             skips["bad_json"] += 1
             log.warning("%s", err)
@@ -144,7 +129,8 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Optional[Sequence[str]] = None,
-                    max_samples: Optional[int] = None, skips: Optional[Counter] = None):
+                    max_samples: Optional[int] = None, skips: Optional[Counter] = None,
+                    captions: Optional[CaptionSpec] = None):
     """Eval-time loader: (images tensor, [key], {key: meta}) with all captions kept."""
     skips = skips if skips is not None else Counter()
     images, keys, metas = [], [], {}
@@ -153,7 +139,7 @@ def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Option
             if max_samples and len(keys) >= max_samples:
                 break
             try:
-                meta = parse_meta(sample, url)
+                meta = parse_meta(sample, url, captions)
                 image = preprocess(decode_image(sample))
             except Exception as err:  # counted skip: corrupt image or record
                 skips["bad_sample"] += 1
@@ -202,9 +188,11 @@ class ImageTextStream(IterableDataset):
 
     def __init__(self, shards, preprocess: Callable, languages: Sequence[str] = ("en",), seed: int = 0,
                  shuffle_buffer: int = 1000,
-                 shard_features: Optional[Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]] = None):
+                 shard_features: Optional[Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]] = None,
+                 captions: Optional[CaptionSpec] = None):
         super().__init__()
         self.shard_features = shard_features
+        self.captions = captions
         self.urls = expand_shards(shards)
         self.preprocess = preprocess
         self.languages = list(languages)
@@ -243,7 +231,7 @@ class ImageTextStream(IterableDataset):
         if "skip" in sample:
             return sample
         try:
-            items = caption_items(parse_meta(sample, "stream"), sample["__key__"], self.languages)
+            items = caption_items(parse_meta(sample, "stream", self.captions), sample["__key__"], self.languages)
         except ValueError:  # json.JSONDecodeError is a ValueError
             return {"skip": "bad_json"}
         if not items:

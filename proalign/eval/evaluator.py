@@ -55,8 +55,10 @@ def load_eval_set(name: str, fmt: str, path, preprocess, options=None, languages
 
 
 def load_shard_set(name: str, shards, preprocess, languages: Optional[Sequence[str]] = None,
-                   max_samples: Optional[int] = None) -> EvalSet:
-    return load_eval_set(name, "shards", shards, preprocess, None, languages, max_samples)
+                   max_samples: Optional[int] = None, captions: Sequence = ()) -> EvalSet:
+    """Shards as an eval set; `captions`: the caption fields (`data.captions`; empty: auto)."""
+    from ..data.readers import ShardOptions
+    return load_eval_set(name, "shards", shards, preprocess, ShardOptions(list(captions)), languages, max_samples)
 
 
 def clip_text_tower(model, name: str = CLIP_TOWER,

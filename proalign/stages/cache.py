@@ -13,6 +13,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream
+from ..data.captions import CaptionSpec
 from ..distributed import rank_and_world
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length, count_truncated, encode_clip_text, text_tower_fingerprint
@@ -23,13 +24,15 @@ def cache_root(cfg: RunConfig) -> Path:
 
 
 def llm_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
-    return EmbeddingCache(cache_root(cfg), "llm", model.embedder.fingerprint(), cfg.data.llm_cache_dtype)
+    return EmbeddingCache(cache_root(cfg), "llm", model.embedder.fingerprint(), cfg.data.llm_cache_dtype,
+                          CaptionSpec(cfg.data.captions))
 
 
 def teacher_cache(cfg: RunConfig, model: ProCLIP) -> EmbeddingCache:
     """The CLIP text tower's caption features, keyed by the text tower's weights alone: a LiT
     teacher's cache serves its own training, then stage 1, and survives the image tower's training."""
-    return EmbeddingCache(cache_root(cfg), "clip", text_tower_fingerprint(model.clip))
+    return EmbeddingCache(cache_root(cfg), "clip", text_tower_fingerprint(model.clip),
+                          captions=CaptionSpec(cfg.data.captions))
 
 
 def eval_languages(cfg: RunConfig) -> Optional[list[str]]:

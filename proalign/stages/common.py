@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ..config import DataConfig, RunConfig, config_to_dict, save_config
+from ..data.captions import CaptionSpec
 from ..data.shards import Batcher, ImageTextStream
 from ..distributed import is_main
 from ..models.towers import state_fingerprint
@@ -22,7 +23,8 @@ class StreamBatches:
 
     def _init_stream(self, data: DataConfig, preprocess, batch_size: int, seed: int, shard_features=None):
         self._use_stream(ImageTextStream(data.train_shards, preprocess, data.train_languages, seed=seed,
-                                         shard_features=shard_features), batch_size, data.num_workers)
+                                         shard_features=shard_features, captions=CaptionSpec(data.captions)),
+                         batch_size, data.num_workers)
 
     def _use_stream(self, stream: IterableDataset, batch_size: int, num_workers: int = 0):
         self._stream = stream

@@ -35,7 +35,7 @@ class Stage1Task(StreamBatches, StageTask):
         super().__init__()
         self.train_cfg = stage1.train
         self.adapter = adapter
-        self.objective = self.build_objective(stage1.losses, stage1.reduction, where="stage1.losses")
+        self.objective = self.build_objective(stage1.losses, stage1.reduction, "stage1.losses", stage1.scope)
         self._use_stream(stream, self.train_cfg.batch_size, num_workers)
 
     def next_batch(self) -> dict:

@@ -37,7 +37,7 @@ class Stage2Task(StreamBatches, StageTask):
         self.adapter = model.adapter
         self.ema = EMATeacher(self.visual, stage2.ema_momentum)
         self.logit_scale = LogitScale(stage2.init_logit_scale, stage2.max_logit_scale)
-        self.objective = self.build_objective(stage2.losses, stage2.reduction, where="stage2.losses")
+        self.objective = self.build_objective(stage2.losses, stage2.reduction, "stage2.losses", stage2.scope)
         self.evaluator: Optional[Callable[[], dict]] = None  # () -> held-out metrics, set by the driver
         self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed, shard_features)
 
@@ -77,7 +77,7 @@ def heldout_evaluation(cfg: RunConfig, model: ProCLIP) -> Callable[[], dict]:
     captions read from the embedding cache."""
     languages = list(cfg.data.train_languages)
     evaluator = Evaluator([load_shard_set("heldout", cfg.data.eval_shards, model.preprocess_eval, languages,
-                                          cfg.data.max_eval_samples)])
+                                          cfg.data.max_eval_samples, cfg.data.captions)])
     # the eval shards' caches hold at least the training languages (`cache_languages`)
     cache = cached_llm_features(cfg, model, cfg.data.eval_shards, languages)
     tower = llm_text_tower(model, "proclip", cache)

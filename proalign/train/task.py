@@ -90,11 +90,12 @@ class StageTask(nn.Module, abc.ABC):
             raise KeyError(f"{self.name}: checkpoint does not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
         self.load_state_dict(tensors, strict=False)
 
-    def build_objective(self, weights: dict, reduction: str = "sum", where: str = "losses"):
+    def build_objective(self, weights: dict, reduction: str = "sum", where: str = "losses", scope: str = "global"):
         """The weighted sum of the registered loss terms in `weights` (the config field `where`);
         a term that needs a feature this task does not provide is a ConfigError."""
         from ..losses import Objective
-        return Objective(weights, reduction, where, provides=self.provides, task=f"the {self.name} stage")
+        return Objective(weights, reduction, where, provides=self.provides, task=f"the {self.name} stage",
+                         scope=scope)
 
 
 def merge_accumulated(live: dict, cached: list[dict], index: int) -> dict:
