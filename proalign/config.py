@@ -178,6 +178,9 @@ class Stage1Config:
     # batch: the loss is the same at any world size) or `local` (each rank's own batch, gradients
     # averaged over ranks: the reference code's, which the paper's numbers come from).
     scope: Literal["global", "local"] = "global"
+    # Caption roles taken per sample (the reference's: [short, raw]): the instance term runs on every
+    # view, the structure term on the first. Empty: every cached caption is its own row.
+    views: list = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -438,6 +441,10 @@ def _check_ranges(cfg: RunConfig) -> None:
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    from .data.captions import ROLES
+    bad_views = [v for v in cfg.stage1.views if v not in ROLES]
+    need(not bad_views, "stage1.views", f"roles are {list(ROLES)}, got {bad_views[:1]}")
+    need(len(set(cfg.stage1.views)) == len(cfg.stage1.views), "stage1.views", "lists a role twice")
     for stage in ("teacher", "stage1", "stage2", "coop"):
         for term, weight in getattr(cfg, stage).losses.items():
             need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),

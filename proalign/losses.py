@@ -205,11 +205,19 @@ class LossTerm(nn.Module):
 
 @register_loss("instance")
 class InstanceTerm(LossTerm):
-    """Stage 1: each student embedding against its teacher embedding (global batch)."""
+    """Stage 1: each student embedding against its teacher embedding, summed over the views when
+    the stage takes several (`student_views`: the reference's short + raw captions)."""
     needs = ("student", "teacher")
 
     def forward(self, f: dict) -> dict:
-        return {self.term: instance_term(f["student"], f["teacher"], self.reduction, gather=self.gather)}
+        value = instance_term(f["student"], f["teacher"], self.reduction, gather=self.gather)
+        if f.get("student_views") is not None and len(f["student_views"]):
+            views = len(f["student_views"]) // len(f["student"])
+            for v in range(views):  # per view, as the reference sums one term per view
+                rows = slice(v, None, views)
+                value = value + instance_term(f["student_views"][rows], f["teacher_views"][rows], self.reduction,
+                                              gather=self.gather)
+        return {self.term: value}
 
 
 @register_loss("structure")

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import ProalignError
 from ..storage import save_tensors
-from .captions import CaptionSpec
+from .captions import CaptionSpec, caption_role
 from .shards import epoch_shards, expand_shards, read_captions, reader_partition
 
 log = logging.getLogger(__name__)
@@ -361,14 +361,55 @@ class PairedFeatureStream(IterableDataset):
     def __iter__(self):
         epoch = 0
         while True:
-            empty = True
+            empty, skipped = True, Counter()
             for item in self._epoch(epoch):
-                empty = False
+                if "skip" in item:
+                    skipped[item["skip"]] += 1
+                else:
+                    empty = False
                 yield item
             if empty:
                 raise StaleCacheError(f"no cached caption in {len(self.urls)} shard(s) "
-                                      f"({', '.join(self.urls[:3])}) for languages {self.languages}")
+                                      f"({', '.join(self.urls[:3])}) for languages {self.languages}"
+                                      + (f"; skipped: {dict(skipped)}" if skipped else ""))
             epoch += 1
+
+
+class ViewFeatureStream(PairedFeatureStream):
+    """Stage 1 with views (`stage1.views`, the reference's): per sample, one cached caption of each
+    view's role (short, long, raw), drawn per epoch with the stream's seed, as {"llm": (V, D),
+    "teacher": (V, D')}. A sample without a caption of some view is a counted skip
+    (`no_<role>_caption`). Partitioned and shuffled like `PairedFeatureStream`, by sample."""
+
+    def __init__(self, shards, llm: "EmbeddingCache", teacher: "EmbeddingCache", languages: Sequence[str],
+                 views: Sequence[str], seed: int = 0, shuffle_buffer: int = 10_000):
+        super().__init__(shards, llm, teacher, languages, seed, shuffle_buffer)
+        self.views = list(views)
+
+    def _sample(self, key: str, llm: dict, teacher: dict, rng) -> dict:
+        picked = []
+        for role in self.views:
+            ids = sorted(cid for cid in llm if caption_role(cid) == role)
+            if not ids:
+                return {"skip": f"no_{role}_caption"}
+            picked.append(ids[rng.randrange(len(ids))])
+        return {"llm": torch.stack([llm[cid] for cid in picked]), "teacher": torch.stack([teacher[cid] for cid in picked])}
+
+    def _epoch(self, epoch: int) -> Iterator[dict]:
+        index, count = reader_partition()
+        mine, by_shard, rng = epoch_shards(self.urls, self.seed, epoch, index, count)
+        buffer: list[dict] = []
+        for url in mine:
+            llm, teacher = self.llm.rows_by_sample(url, self.languages), self.teacher.rows_by_sample(url, self.languages)
+            keys = sorted(llm)
+            keys = keys if by_shard else keys[index::count]
+            rng.shuffle(keys)
+            for key in keys:
+                buffer.append(self._sample(key, llm[key], teacher[key], rng))
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
 
 
 class CachedTextFeatures:

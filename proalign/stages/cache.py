@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import RunConfig
-from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream
+from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream, ViewFeatureStream
 from ..data.captions import CaptionSpec
 from ..distributed import rank_and_world
 from ..models.proclip import ProCLIP
@@ -138,7 +138,11 @@ def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
 
 
 def paired_stream(cfg: RunConfig, model: ProCLIP, shards, languages, seed: int) -> PairedFeatureStream:
-    """The cached (LLM, teacher) rows of the same captions, streamed shard by shard."""
+    """The cached (LLM, teacher) rows of the same captions, streamed shard by shard: every caption
+    its own row, or with `stage1.views` one caption per view and sample."""
+    if cfg.stage1.views:
+        return ViewFeatureStream(shards, llm_cache(cfg, model), teacher_cache(cfg, model), languages,
+                                 cfg.stage1.views, seed, cfg.data.shuffle_buffer)
     return PairedFeatureStream(shards, llm_cache(cfg, model), teacher_cache(cfg, model), languages, seed,
                                cfg.data.shuffle_buffer)
 

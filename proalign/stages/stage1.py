@@ -29,7 +29,9 @@ class Stage1Task(StreamBatches, StageTask):
     by shard (each rank its own part of every epoch)."""
 
     name = "stage1"
-    provides = ("student", "teacher")
+    # with stage1.views, `student`/`teacher` are the first view's rows and the other views' rows
+    # come as `student_views`/`teacher_views`
+    provides = ("student", "teacher", "student_views", "teacher_views")
 
     def __init__(self, adapter: nn.Module, stream: IterableDataset, stage1: Stage1Config, num_workers: int = 0):
         super().__init__()
@@ -43,7 +45,12 @@ class Stage1Task(StreamBatches, StageTask):
 
     def features(self, batch: dict) -> dict:
         device = next(self.adapter.parameters()).device
-        return {"student": self.adapter(batch["llm"].to(device)), "teacher": batch["teacher"].to(device)}
+        llm, teacher = batch["llm"].to(device), batch["teacher"].to(device)
+        if llm.dim() == 2:
+            return {"student": self.adapter(llm), "teacher": teacher}
+        student = self.adapter(llm.flatten(0, 1)).unflatten(0, llm.shape[:2])  # (B, views, D)
+        return {"student": student[:, 0], "teacher": teacher[:, 0],
+                "student_views": student[:, 1:].flatten(0, 1), "teacher_views": teacher[:, 1:].flatten(0, 1)}
 
     def loss(self, features: dict):
         return self.objective(features)
