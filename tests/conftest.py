@@ -280,3 +280,22 @@ def _urban1k(root: Path) -> Path:
         (root / "caption" / f"{n}.txt").write_text(text + "\n")
         _jpg(root / "image" / f"{n}.jpg")
     return root
+
+
+def _rewrite_stored_config(model_file: Path, out: Path, edit) -> Path:
+    """A copy of a model file whose stored config went through `edit(sections)`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(model_file), "pt") as handle:
+        metadata = dict(handle.metadata())
+    sections = json.loads(metadata["proalign_config"])
+    edit(sections)
+    metadata["proalign_config"] = json.dumps(sections)
+    save_file(load_file(str(model_file)), str(out), metadata=metadata)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rewrite_stored_config():
+    """rewrite_stored_config(model file, out, edit) -> out: a copy whose stored config went through edit(sections)."""
+    return _rewrite_stored_config

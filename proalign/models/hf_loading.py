@@ -86,7 +86,8 @@ def refuse_remote_code(err: Exception, name: str, field: str) -> None:
     model (`auto_map`): proalign never runs such code, so that request becomes a config error."""
     if "trust_remote_code" in str(err):
         raise ConfigError(f"{field}: {name!r} needs custom code from its own files (auto_map / trust_remote_code); "
-                          "proalign runs no code that comes with a model") from None
+                          "proalign runs no code that comes with a model unless your run config sets "
+                          "embedder.trust_remote_code: true (a model file never can)") from None
 
 
 @contextlib.contextmanager
@@ -105,11 +106,11 @@ def quiet_transformers_loads():
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(name: str, field: str):
+def load_tokenizer(name: str, field: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     name = maybe_pkg(name, field)
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as err:
         refuse_remote_code(err, name, field)
         raise
@@ -125,13 +126,14 @@ def maybe_pkg(name: Optional[str], field: str = "embedder.name") -> Optional[str
 _ST_POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 
 
-def unwrap_sentence_transformer(name: str, load_kwargs: Optional[dict] = None):
+def unwrap_sentence_transformer(name: str, load_kwargs: Optional[dict] = None, trust_remote_code: bool = False):
     """(transformer, tokenizer, head, head output dim, pooling name) of a sentence-transformers
     model. The head is every module after the transformer, run as the library runs it, so the
     model's own pooling (whatever its version writes to disk) and any Dense/Normalize are kept."""
     from sentence_transformers import SentenceTransformer
     try:
-        st = SentenceTransformer(name, device="cpu", model_kwargs=load_kwargs or None, trust_remote_code=False)
+        st = SentenceTransformer(name, device="cpu", model_kwargs=load_kwargs or None,
+                                 trust_remote_code=trust_remote_code)
     except OSError as err:
         raise OSError(f"embedder.name: cannot load {name!r} as a sentence-transformers model: {err}") from err
     except ValueError as err:

@@ -59,7 +59,8 @@ def model_config_sections(cfg: RunConfig, file_dir: Path) -> tuple[dict, list[st
     """The config sections that define a model, ready to store in its file: CLIP weights travel
     in the file (so no `pretrained`/`checkpoint`), local paths become relative to `file_dir`."""
     import dataclasses
-    embedder = {k: v for k, v in dataclasses.asdict(cfg.embedder).items() if k != "max_build_gb"}
+    embedder = {k: v for k, v in dataclasses.asdict(cfg.embedder).items()
+                if f"embedder.{k}" not in _RUN_CONFIG_ONLY}
     sections = {"clip": {"model": cfg.clip.model, "arch": cfg.clip.arch}, "embedder": embedder,
                 "adapter": dataclasses.asdict(cfg.adapter), "data": {"image_size": cfg.data.image_size},
                 "hub": dataclasses.asdict(cfg.hub)}

@@ -7,10 +7,12 @@ module imported before the embedder is built); `TextEmbedder.from_config` does t
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.nn as nn
 
 from ..config import EmbedderConfig
@@ -45,6 +47,7 @@ class EmbedderSource:
 
 
 EMBEDDER_SOURCES: Registry[type[EmbedderSource]] = Registry("embedder source")
+log = logging.getLogger(__name__)
 
 
 def embedder_source(cfg: EmbedderConfig) -> EmbedderSource:
@@ -61,12 +64,19 @@ def _need_name(cfg: EmbedderConfig) -> None:
         raise ConfigError(f"embedder.name: local path {cfg.name!r} does not exist")
 
 
+def _trusted(cfg: EmbedderConfig, name: str) -> bool:
+    if cfg.trust_remote_code:
+        log.warning("embedder.trust_remote_code: running the Python code that comes with %s", name)
+    return cfg.trust_remote_code
+
+
 def _load_transformers(name: str, cfg: EmbedderConfig, load_kwargs: dict) -> tuple[nn.Module, Any]:
     from transformers import AutoModel
-    tokenizer = load_tokenizer(cfg.tokenizer, "embedder.tokenizer") if cfg.tokenizer else \
-        load_tokenizer(name, "embedder.name")
+    trusted = _trusted(cfg, name)
+    tokenizer = load_tokenizer(cfg.tokenizer, "embedder.tokenizer", trusted) if cfg.tokenizer else \
+        load_tokenizer(name, "embedder.name", trusted)
     try:
-        model = AutoModel.from_pretrained(name, trust_remote_code=False, **load_kwargs)
+        model = AutoModel.from_pretrained(name, trust_remote_code=trusted, **load_kwargs)
     except OSError as err:
         raise OSError(f"embedder.name: cannot load {name!r} as a transformers model: {err}") from err
     except ValueError as err:
@@ -76,7 +86,7 @@ def _load_transformers(name: str, cfg: EmbedderConfig, load_kwargs: dict) -> tup
 
 
 def _load_sentence_transformers(name: str, cfg: EmbedderConfig, load_kwargs: dict) -> LoadedEmbedder:
-    model, tokenizer, head, head_dim, pooling = unwrap_sentence_transformer(name, load_kwargs)
+    model, tokenizer, head, head_dim, pooling = unwrap_sentence_transformer(name, load_kwargs, _trusted(cfg, name))
     if cfg.pooling and cfg.pooling != pooling:
         raise ConfigError(f"embedder.pooling: {cfg.pooling!r} is set, but the sentence-transformers "
                           f"model {name!r} pools with {pooling!r}; remove embedder.pooling to follow "
@@ -154,3 +164,55 @@ class RandomSource(EmbedderSource):
                          "embedder.arch", "embedder.max_build_gb")
         model = AutoModel.from_config(config, **load_kwargs)
         return LoadedEmbedder(model, tokenizer, json.dumps({"random": cfg.arch, "tok": cfg.tokenizer}, sort_keys=True))
+
+
+class BidirectionalDecoder(nn.Module):
+    """A decoder-only transformer (Llama, Mistral, Qwen2, ...) attending in both directions, as
+    LLM2Vec and LLM2CLIP's text encoders do: every attention layer's causal flag is off, and the
+    padding mask goes in as a 4D mask over keys only (transformers passes a 4D mask on as it is)."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        for module in decoder.modules():
+            if hasattr(module, "is_causal"):
+                module.is_causal = False
+        self.config = decoder.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        reference = inputs_embeds if inputs_embeds is not None else self.decoder.get_input_embeddings().weight
+        keys = attention_mask[:, None, None, :].bool()                       # (B, 1, 1, T)
+        mask = torch.zeros(keys.shape, dtype=reference.dtype, device=reference.device)
+        mask = mask.masked_fill(~keys, torch.finfo(reference.dtype).min).expand(-1, 1, keys.shape[-1], -1)
+        return self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask)
+
+
+@EMBEDDER_SOURCES.register("llm2vec")
+class LLM2VecSource(EmbedderSource):
+    """LLM2Vec (BehnamGhader et al., 2024) and LLM2CLIP's text models from transformers + peft: the
+    decoder `embedder.name`, its PEFT adapters `embedder.peft_adapters` merged in order, attention
+    made bidirectional, mean pooling. No code from the model's repository runs (a config whose
+    auto_map names LLM2Vec's own classes loads the built-in architecture of its model_type)."""
+
+    def check(self, cfg: EmbedderConfig) -> None:
+        _need_name(cfg)
+
+    def load(self, cfg: EmbedderConfig, load_kwargs: dict) -> LoadedEmbedder:
+        name = maybe_pkg(cfg.name)
+        model, tokenizer = _load_transformers(name, cfg, load_kwargs)
+        adapters = [maybe_pkg(a, "embedder.peft_adapters") for a in cfg.peft_adapters]
+        if adapters:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise ConfigError("embedder.peft_adapters: needs peft: pip install -e '.[llm2vec]'") from None
+            for adapter in adapters:
+                try:
+                    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+                except (OSError, ValueError) as err:
+                    raise ConfigError(f"embedder.peft_adapters: cannot apply {adapter!r} to {name!r}: {err}") from None
+        # mean pooling (LLM2Vec's) unless embedder.pooling says otherwise
+        return LoadedEmbedder(BidirectionalDecoder(model), tokenizer, f"llm2vec:{name}+{'+'.join(adapters)}")

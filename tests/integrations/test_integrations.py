@@ -31,19 +31,6 @@ def place_in_hub_cache(folder: Path, cache: Path, repo_id: str, commit: str = "0
     (repo / "refs" / "main").write_text(commit)
 
 
-def rewrite_stored_config(model_file: Path, out: Path, edit) -> Path:
-    """A copy of a model file whose stored config went through `edit(sections)`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-    with safe_open(str(model_file), "pt") as handle:
-        metadata = dict(handle.metadata())
-    sections = json.loads(metadata["proalign_config"])
-    edit(sections)
-    metadata["proalign_config"] = json.dumps(sections)
-    save_file(load_file(str(model_file)), str(out), metadata=metadata)
-    return out
-
-
 @pytest.fixture(scope="module")
 def hub_folder(trained, tmp_path_factory):
     """The trained model written by save_pretrained with a licence, tags and a results table."""
@@ -171,7 +158,7 @@ def test_export_command_writes_the_runs_model_with_its_results(trained, tmp_path
 
 # ------------------------------------------------------------------ nothing from a file runs code
 
-def test_model_file_whose_embedder_needs_custom_code_runs_none(trained, tmp_path, monkeypatch):
+def test_model_file_whose_embedder_needs_custom_code_runs_none(rewrite_stored_config, trained, tmp_path, monkeypatch):
     """A local embedder folder whose config maps to code shipped beside it (auto_map): the load is
     refused naming the field, and the code never runs, even when the file asks for remote code."""
     from proalign.config import ConfigError
@@ -201,7 +188,7 @@ def test_model_file_whose_embedder_needs_custom_code_runs_none(trained, tmp_path
     assert not marker.exists()
 
 
-def test_pkg_name_in_a_model_file_imports_no_package(trained, tmp_path, monkeypatch):
+def test_pkg_name_in_a_model_file_imports_no_package(rewrite_stored_config, trained, tmp_path, monkeypatch):
     """`pkg:a.b` is found as folders: the package `a` (here in the working directory, first on
     the import path) is never imported, so its `__init__` does not run."""
     import proalign
@@ -407,7 +394,7 @@ def test_readme_clip_benchmark_commands_run_verbatim(repo_root, trained, demo_la
                        "my-set_runs-demo_en_zeroshot_classification.json"]
 
 
-def test_architectures_from_files_are_sized_before_they_are_built(repo_root, trained, tmp_path):
+def test_architectures_from_files_are_sized_before_they_are_built(rewrite_stored_config, repo_root, trained, tmp_path):
     """An embedder or CLIP architecture of hundreds of GB, from a model file or a run config, is
     counted on the meta device (no memory) and refused naming the file, the field and the size;
     the file cannot raise the limit itself."""
@@ -430,7 +417,7 @@ def test_architectures_from_files_are_sized_before_they_are_built(repo_root, tra
         ProCLIP.from_config(cfg)
 
 
-def test_a_model_file_refuses_an_embedder_other_than_the_one_it_was_trained_with(trained, tmp_path, caplog):
+def test_a_model_file_refuses_an_embedder_other_than_the_one_it_was_trained_with(rewrite_stored_config, trained, tmp_path, caplog):
     """The model file records what its embedder computes with (architecture and a sample of its
     weights, not where it was loaded from). Another embedder (here: same shape, other weights) is
     refused by load, eval, search and init_from alike, unless the caller overrides it explicitly."""
@@ -450,7 +437,7 @@ def test_a_model_file_refuses_an_embedder_other_than_the_one_it_was_trained_with
     ProCLIP.from_file(trained["run"] / "stage2.safetensors")  # the same embedder, found elsewhere: no complaint
 
 
-def test_the_embedder_check_ignores_weights_the_embedder_never_uses(trained, tmp_path):
+def test_the_embedder_check_ignores_weights_the_embedder_never_uses(rewrite_stored_config, trained, tmp_path):
     """A checkpoint without some of its architecture's weights (BERT's pooler, which mean pooling
     never uses) gets them freshly random at every load: the same embedder must still be recognised."""
     from safetensors.torch import load_file, save_file
