@@ -57,6 +57,14 @@ def main(argv=None) -> int:
     coop.add_argument("--base-to-new", action="store_true",
                       help="train on the base half of the classes, report base, new and their harmonic mean")
     add("eval", "retrieval of eval.models on eval.datasets -> results.md + plots", resumable=False)
+    check = add("check", "dry run at the configured shapes (random weights, no download): parameter counts, cache "
+                         "size, 2 steps of stage 1 and 2 on synthetic batches, peak memory, config errors",
+                resumable=False)
+    check.add_argument("--micro-batch", type=int, default=None,
+                       help="per-rank batch of the dry run's steps (default: the configured one on a GPU, 2 on a CPU)")
+    check.add_argument("--max-build-gb", type=float, default=4.0,
+                       help="an embedder larger than this is sized on the meta device and reported, not built")
+    check.add_argument("--no-steps", action="store_true", help="build and report only; no training steps")
     demo = add("demo", "the whole pipeline on the embedded shards", config_required=False)
     demo.add_argument("--output-dir", default="runs/demo", help="run folder (re-running reuses what it holds)")
     search = sub.add_parser(
@@ -143,6 +151,10 @@ def _dispatch(args) -> int:
         from .export import export_run
         export_run(args.run, args.out, args.model, args.results, args.set, args.push_to_hub,
                    True if args.private else None)
+        return 0
+    if args.command == "check":
+        from .check import run_check
+        run_check(args.config, args.set, args.micro_batch, args.max_build_gb, steps=not args.no_steps)
         return 0
     from .runlock import run_lock
     if args.command == "demo":

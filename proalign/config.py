@@ -147,6 +147,9 @@ class DataConfig:
     # field `txt` or a JSON field; empty: proalign's `captions` mapping, else img2dataset's .txt,
     # else the JSON `caption`.
     captions: list[CaptionField] = field(default_factory=list)
+    # Image-text pairs in train_shards, for planning (`proalign check`'s cache size); training
+    # does not read it.
+    train_samples: Optional[int] = None
 
 
 @dataclass
@@ -156,6 +159,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: Optional[float] = 1.0
@@ -406,10 +410,19 @@ def _build(cls: type, raw: dict, where: str = "") -> Any:
         raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
-def _check_ranges(cfg: RunConfig) -> None:
+def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
+    """Ranges, combinations and files. With `missing_files` (a list), a file or shard absent from this
+    machine is recorded there instead of raised (a dry run of a config for another machine)."""
     def need(cond: bool, where: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{where}: {msg}")
+
+    def need_file(cond: bool, where: str, msg: str) -> None:
+        if cond:
+            return
+        if missing_files is None:
+            raise ConfigError(f"{where}: {msg}")
+        missing_files.append(f"{where}: {msg}")
 
     for stage in ("teacher", "stage1", "stage2"):
         train = getattr(cfg, stage).train
@@ -464,12 +477,12 @@ def _check_ranges(cfg: RunConfig) -> None:
         need(isinstance(listed, list) and bool(listed) and all(isinstance(t, str) and t.count("{}") == 1 for t in listed),
              f"eval.templates.{lang}", "must be a template or a list of templates, each with exactly one {}")
     for where, path in (("clip.checkpoint", cfg.clip.checkpoint), ("init_from", cfg.init_from)):
-        if path and not Path(path).exists():
-            raise ConfigError(f"{where}: file {path!r} does not exist")
-    if cfg.clip.pretrained and cfg.clip.pretrained.startswith((".", "/")) and not Path(cfg.clip.pretrained).exists():
-        raise ConfigError(f"clip.pretrained: file {cfg.clip.pretrained!r} does not exist")
+        need_file(not path or Path(path).exists(), where, f"file {path!r} does not exist")
+    need_file(not (cfg.clip.pretrained and cfg.clip.pretrained.startswith((".", "/")))
+              or Path(cfg.clip.pretrained).exists(), "clip.pretrained", f"file {cfg.clip.pretrained!r} does not exist")
     for label, path in cfg.eval.models.items():
-        need(isinstance(path, str) and Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
+        need(isinstance(path, str), f"eval.models.{label}", f"expected a file name, got {_short(path)}")
+        need_file(Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
     shard_lists = [("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards),
                    ("teacher.train_shards", cfg.teacher.train_shards),
                    ("coop.train_shards", cfg.coop.train_shards), ("coop.eval_shards", cfg.coop.eval_shards)]
@@ -479,7 +492,7 @@ def _check_ranges(cfg: RunConfig) -> None:
             from .data.datasets import FORMATS
             need(FORMATS.get(ds.format, f"{where}.format").task == "classification", f"{where}.format",
                  f"{ds.format!r} is not a classification format (imagefolder, coop-split)")
-            need(Path(ds.path).exists(), f"{where}.path", f"{ds.path!r} does not exist")
+            need_file(Path(ds.path).exists(), f"{where}.path", f"{ds.path!r} does not exist")
     need(all(isinstance(tag, str) and tag.strip() for tag in cfg.hub.tags), "hub.tags",
          "must be a list of non-empty strings")
     for i, ds in enumerate(cfg.eval.datasets):
@@ -487,10 +500,13 @@ def _check_ranges(cfg: RunConfig) -> None:
         if ds.format == "shards":
             shard_lists.append((f"eval.datasets[{i}].path", ds.path))
         else:
-            need(Path(ds.path).exists(), f"eval.datasets[{i}].path", f"{ds.path!r} does not exist")
+            need_file(Path(ds.path).exists(), f"eval.datasets[{i}].path", f"{ds.path!r} does not exist")
     for where, patterns in shard_lists:
         if patterns:
-            _check_shards(where, patterns)
+            try:
+                _check_shards(where, patterns)
+            except ConfigError as err:
+                need_file(False, where, str(err).split(": ", 1)[1])
     if cfg.deepspeed:
         _check_deepspeed_json(cfg.deepspeed)
 
@@ -565,13 +581,15 @@ def section_from_dict(cls: type, raw: dict, where: str) -> Any:
     return _build(cls, raw, where)
 
 
-def config_from_dict(raw: dict) -> RunConfig:
+def config_from_dict(raw: dict, missing_files: Optional[list] = None) -> RunConfig:
+    """A validated RunConfig; with `missing_files` (a list) absent files are listed there, not raised."""
     cfg = _build(RunConfig, raw or {})
-    _check_ranges(cfg)
+    _check_ranges(cfg, missing_files)
     return cfg
 
 
-def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+def load_config(path: str | Path, overrides: Optional[list[str]] = None,
+                missing_files: Optional[list] = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -585,7 +603,7 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    cfg = config_from_dict(apply_overrides(raw, overrides or []))
+    cfg = config_from_dict(apply_overrides(raw, overrides or []), missing_files)
     _check_run_folders(cfg)
     return cfg
 

@@ -8,6 +8,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.data import IterableDataset
 
 from ..config import DataConfig, RunConfig, Stage2Config
 from ..ema import EMATeacher
@@ -30,7 +31,8 @@ class Stage2Task(StreamBatches, StageTask):
     provides = ("image", "text", "logit_scale", "ema_image")
 
     def __init__(self, model: ProCLIP, stage2: Stage2Config, data: DataConfig, seed: int,
-                 shard_features: Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]):
+                 shard_features: Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]],
+                 stream: Optional[IterableDataset] = None):
         super().__init__()
         self.train_cfg = stage2.train
         self.visual = model.clip.visual
@@ -39,7 +41,10 @@ class Stage2Task(StreamBatches, StageTask):
         self.logit_scale = LogitScale(stage2.init_logit_scale, stage2.max_logit_scale)
         self.objective = self.build_objective(stage2.losses, stage2.reduction, "stage2.losses", stage2.scope)
         self.evaluator: Optional[Callable[[], dict]] = None  # () -> held-out metrics, set by the driver
-        self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed, shard_features)
+        if stream is None:
+            self._init_stream(data, model.preprocess_train, self.train_cfg.batch_size, seed, shard_features)
+        else:  # items {"image", "features", ...} from elsewhere (proalign check's synthetic batches)
+            self._use_stream(stream, self.train_cfg.batch_size)
 
     def next_batch(self) -> dict:
         batch = self._next_stream_batch()
