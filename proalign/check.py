@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import resource
 import tempfile
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -108,67 +109,81 @@ def run_check(config: str, overrides: Optional[list] = None, micro_batch: Option
               max_build_gb: float = 4.0, steps: bool = True) -> list[str]:
     """The dry run; returns (and prints) the report lines. Raises ConfigError on a config problem."""
     from .models.adapter import MLPAdapter
-    from .models.embedder import TextEmbedder
     from .models.proclip import clip_embed_dim
     from .models.towers import create_clip
-    from .stages.stage1 import Stage1Task
-    from .stages.stage2 import Stage2Task
-    from .train import Runtime
     from .train.backends import deepspeed_config, resolve_device
     missing: list[str] = []
     cfg = load_config(config, overrides, missing_files=missing)
     _check_shapes(cfg)
     device = resolve_device(cfg.device)
-    lines = [f"# proalign check: {config}", ""]
-    clip_cfg = dataclasses.replace(cfg.clip, pretrained=None, checkpoint=None)
-    clip, _, _, _ = create_clip(clip_cfg, cfg.data.image_size, weights_follow=True)
+    clip, _, _, _ = create_clip(dataclasses.replace(cfg.clip, pretrained=None, checkpoint=None), cfg.data.image_size,
+                                weights_follow=True)
     clip_dim = clip_embed_dim(clip)
-    image_size = clip.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    embedder_cfg = _embedder_config(cfg)
-    embedder_params, llm_dim = _size_embedder(embedder_cfg)
-    embedder_gb = embedder_params * torch.empty((), dtype=getattr(torch, cfg.embedder.dtype)).element_size() / 1e9
-    built = embedder_gb <= max_build_gb
-    if built:
-        embedder = TextEmbedder.from_config(embedder_cfg)
-        if embedder.encode(["a dry run caption"]).shape[1] != llm_dim:
-            raise ConfigError(f"embedder.arch: encodes to {embedder.dim} dimensions, not hidden_size {llm_dim}")
-        del embedder
+    embedder_row, llm_dim = _embedder_report(cfg, max_build_gb)
     adapter = MLPAdapter(llm_dim, clip_dim, cfg.adapter.num_blocks, cfg.adapter.expansion, cfg.adapter.dropout)
     rows = [("CLIP image tower", _params(clip.visual)), ("CLIP text tower (teacher)", _params(clip) - _params(clip.visual)),
-            (f"embedder ({embedder_cfg.arch.get('model_type', 'bert')}, {cfg.embedder.dtype}"
-             f"{'' if built else f', {embedder_gb:.1f} GB: sized only, over --max-build-gb {max_build_gb:g}'})",
-             embedder_params), ("adapter", _params(adapter))]
-    lines += ["| module | parameters |", "|---|---|", *(f"| {name} | {count:,} |" for name, count in rows), ""]
-    per_caption = llm_dim * STORAGE_DTYPES[cfg.data.llm_cache_dtype].itemsize + clip_dim * 4
-    captions_per_sample = max(1, len(cfg.data.captions))
-    lines.append(f"cache: {per_caption:,} bytes per caption ({llm_dim} x {cfg.data.llm_cache_dtype} LLM row + "
-                 f"{clip_dim} x float32 CLIP row)" + (
-                     f"; {cfg.data.train_samples:,} samples x {captions_per_sample} caption(s) = "
-                     f"{cfg.data.train_samples * captions_per_sample * per_caption / 1e9:,.1f} GB"
-                     if cfg.data.train_samples else "; set data.train_samples for the cache size"))
+            embedder_row, ("adapter", _params(adapter))]
+    lines = [f"# proalign check: {config}", "", "| module | parameters |", "|---|---|",
+             *(f"| {name} | {count:,} |" for name, count in rows), "", _cache_line(cfg, llm_dim, clip_dim)]
     if cfg.deepspeed:
         deepspeed_config(cfg.deepspeed, cfg.stage2.train, device)
         lines.append(f"deepspeed: {cfg.deepspeed} read (the dry run's steps run in plain torch)")
     if steps:
-        batch = micro_batch or (cfg.stage2.train.batch_size if device.type == "cuda" else 2)
-        runtime = Runtime(cfg.device, cfg.precision, False, None)
-        scaled = "" if batch == cfg.stage2.train.batch_size else \
-            f" (the configured per-rank batch is {cfg.stage1.train.batch_size} / {cfg.stage2.train.batch_size}: " \
-            f"a micro-batch of {batch} on {device.type})"
-        lines.append(f"steps: 2 of stage 1 and 2 of stage 2 on synthetic batches of {batch}{scaled}")
-        stage1 = Stage1Task(adapter, _Synthetic(llm=(llm_dim,), teacher=(clip_dim,)), _two_steps_of(cfg.stage1, batch))
-        _run(stage1, runtime)
-        lines.append(f"  stage 1: ok, {_params(stage1, trainable=True):,} trainable; peak memory "
-                     f"{_peak_gb(device):.2f} GB")
-        model = type("Towers", (), {"clip": clip, "adapter": adapter, "preprocess_train": None})()
-        stream = _Synthetic(image=(3, image_size, image_size), features=(llm_dim,))
-        stage2 = Stage2Task(model, _two_steps_of(cfg.stage2, batch), cfg.data, cfg.seed, None, stream=stream)
-        _run(stage2, runtime)
-        lines.append(f"  stage 2: ok, {_params(stage2, trainable=True):,} trainable; peak memory "
-                     f"{_peak_gb(device):.2f} GB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+        lines += _dry_steps(cfg, device, clip, adapter, llm_dim, clip_dim, micro_batch)
     if missing:
         lines += ["", "not on this machine (fine for a dry run; the cluster must have them):",
                   *(f"- {item}" for item in missing)]
     print("\n".join(lines))
+    return lines
+
+
+def _embedder_report(cfg: RunConfig, max_build_gb: float) -> tuple[tuple[str, int], int]:
+    """((report row, parameters), hidden size) of the embedder; built (and run once) when it fits."""
+    from .models.embedder import TextEmbedder
+    embedder_cfg = _embedder_config(cfg)
+    params, llm_dim = _size_embedder(embedder_cfg)
+    size_gb = params * torch.empty((), dtype=getattr(torch, cfg.embedder.dtype)).element_size() / 1e9
+    built = size_gb <= max_build_gb
+    if built:
+        embedder = TextEmbedder.from_config(embedder_cfg)
+        if embedder.encode(["a dry run caption"]).shape[1] != llm_dim:
+            raise ConfigError(f"embedder.arch: encodes to {embedder.dim} dimensions, not hidden_size {llm_dim}")
+    sized_only = "" if built else f", {size_gb:.1f} GB: sized only, over --max-build-gb {max_build_gb:g}"
+    return (f"embedder ({embedder_cfg.arch.get('model_type', 'bert')}, {cfg.embedder.dtype}{sized_only})", params), llm_dim
+
+
+def _cache_line(cfg: RunConfig, llm_dim: int, clip_dim: int) -> str:
+    per_caption = llm_dim * STORAGE_DTYPES[cfg.data.llm_cache_dtype].itemsize + clip_dim * 4
+    line = f"cache: {per_caption:,} bytes per caption ({llm_dim} x {cfg.data.llm_cache_dtype} LLM row + " \
+           f"{clip_dim} x float32 CLIP row)"
+    if not cfg.data.train_samples:
+        return line + "; set data.train_samples for the cache size"
+    captions = max(1, len(cfg.data.captions))
+    return line + (f"; {cfg.data.train_samples:,} samples x {captions} caption(s) = "
+                   f"{cfg.data.train_samples * captions * per_caption / 1e9:,.1f} GB")
+
+
+def _dry_steps(cfg: RunConfig, device: torch.device, clip, adapter, llm_dim: int, clip_dim: int,
+               micro_batch: Optional[int]) -> list[str]:
+    """2 steps of stage 1 and 2 of stage 2 through the training loop, on synthetic batches."""
+    from .stages.stage1 import Stage1Task
+    from .stages.stage2 import Stage2Task
+    from .train import Runtime
+    batch = micro_batch or (cfg.stage2.train.batch_size if device.type == "cuda" else 2)
+    runtime = Runtime(cfg.device, cfg.precision, False, None)
+    scaled = "" if batch == cfg.stage2.train.batch_size else \
+        f" (the configured per-rank batch is {cfg.stage1.train.batch_size} / {cfg.stage2.train.batch_size}: " \
+        f"a micro-batch of {batch} on {device.type})"
+    lines = [f"steps: 2 of stage 1 and 2 of stage 2 on synthetic batches of {batch}{scaled}"]
+    stage1 = Stage1Task(adapter, _Synthetic(llm=(llm_dim,), teacher=(clip_dim,)), _two_steps_of(cfg.stage1, batch))
+    _run(stage1, runtime)
+    lines.append(f"  stage 1: ok, {_params(stage1, trainable=True):,} trainable; peak memory {_peak_gb(device):.2f} GB")
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    model = SimpleNamespace(clip=clip, adapter=adapter)  # what Stage2Task reads of a ProCLIP
+    stream = _Synthetic(image=(3, size, size), features=(llm_dim,))
+    stage2 = Stage2Task(model, _two_steps_of(cfg.stage2, batch), cfg.data, cfg.seed, None, stream=stream)
+    _run(stage2, runtime)
+    lines.append(f"  stage 2: ok, {_params(stage2, trainable=True):,} trainable; peak memory {_peak_gb(device):.2f} GB "
+                 f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
     return lines
