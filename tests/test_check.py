@@ -6,7 +6,8 @@ from proalign.config import ConfigError, load_config
 PAPER = "configs/paper/proclip-vitb16-qwen3-embedding-0.6b-3m.yaml"
 
 
-def test_every_paper_config_validates_and_says_what_this_machine_lacks(repo_root):
+def test_every_paper_config_validates_and_says_what_this_machine_lacks(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)  # the configs name repository files relative to it
     configs = sorted((repo_root / "configs" / "paper").glob("*.yaml"))
     assert len(configs) == 18  # 2 towers x 3 embedders x 3 sizes
     for path in configs:
@@ -20,7 +21,8 @@ def test_every_paper_config_validates_and_says_what_this_machine_lacks(repo_root
         load_config(configs[0])  # a run on this machine needs its files
 
 
-def test_check_reports_counts_cache_size_steps_and_memory(repo_root, tmp_path, capsys):
+def test_check_reports_counts_cache_size_steps_and_memory(repo_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(repo_root)
     from proalign.cli import main
     assert main(["check", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}",
                  "--set", "data.train_samples=1000", "--set", "data.llm_cache_dtype=bfloat16"]) == 0
@@ -37,7 +39,8 @@ def test_check_reports_counts_cache_size_steps_and_memory(repo_root, tmp_path, c
     ("data.train_shards=[]", r"data.train_shards: required"),
     ("data.captions=[{field: caption, role: noise}]", r"data.captions\[0\].role: must be one of"),
 ])
-def test_a_broken_paper_config_fails_naming_the_field(override, message, capsys):
+def test_a_broken_paper_config_fails_naming_the_field(override, message, capsys, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
     from proalign.cli import main
     overrides = ["--set", override]
     if override.startswith("embedder.arch.hidden_size"):
@@ -48,7 +51,8 @@ def test_a_broken_paper_config_fails_naming_the_field(override, message, capsys)
 
 
 @pytest.mark.slow  # builds ViT-B/16 and a Qwen3-0.6B-shaped embedder, trains 2 + 2 steps (about a minute)
-def test_check_runs_a_paper_config_at_its_shapes_on_cpu(capsys):
+def test_check_runs_a_paper_config_at_its_shapes_on_cpu(capsys, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
     from proalign.cli import main
     assert main(["check", "--config", PAPER]) == 0
     out = capsys.readouterr().out
