@@ -128,5 +128,5 @@ def test_a_loss_term_needing_what_the_stage_does_not_compute_is_a_config_error(t
     from proalign.stages.stage1 import run_stage1
     tiny_cfg.stage1.losses = {"instance": 1.0, "contrastive": 1.0}
     with pytest.raises(ConfigError, match=r"stage1.losses.contrastive: the loss term needs image, text, logit_scale, "
-                                          r"which the stage1 stage does not compute \(it provides: student, teacher\)"):
+                                          r"which the stage1 stage does not compute \(it provides: student, student_views, teacher, teacher_views\)"):
         run_stage1(tiny_cfg, progress=False)

@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 __all__ = ["FORMATS", "load_classification", "load_dataset", "load_records", "read_dataset"]
 
 
+def _values(options) -> dict:
+    """A format's options as keyword arguments: its options dataclass (validated from a config), a
+    mapping (from code), or nothing."""
+    if options is None:
+        return {}
+    return dict(options) if isinstance(options, dict) else dict(vars(options))
+
+
 def read_dataset(fmt: str, path: str | Path, languages: Optional[Sequence[str]] = None, **options) -> list[Record]:
     """The records of a registered (record-based) format; `options` are its dataclass's fields."""
     entry = FORMATS.get(fmt, "format")
@@ -37,8 +45,8 @@ def load_dataset(fmt: str, path, preprocess: Callable, options=None, languages: 
         raise ValueError(f"dataset format {fmt!r} is a {entry.task} format (use load_classification)")
     if entry.decoded:
         return entry.read(path, preprocess, max_samples=max_samples, skips=skips,
-                          **(vars(options) if options is not None else {}))
-    records = read_dataset(fmt, path, languages, **(vars(options) if options is not None else {}))
+                          **_values(options))
+    records = read_dataset(fmt, path, languages, **_values(options))
     return load_records(records, preprocess, max_samples, skips)
 
 
@@ -72,7 +80,7 @@ def load_classification(fmt: str, path, preprocess: Callable, options=None, max_
     entry = FORMATS.get(fmt, "format")
     if entry.task != "classification":
         raise ValueError(f"dataset format {fmt!r} is not a classification format")
-    records = entry.read(path, **(vars(options) if options is not None else {}))
+    records = entry.read(path, **_values(options))
     picked = pick_classes(records.classes, max_classes, only_classes)
     if not picked:
         raise DatasetFormatError(f"{records.source}: none of the wanted classes")
