@@ -142,6 +142,7 @@ def test_search_finds_the_named_image_and_reuses_its_index(trained, tmp_path):
     assert torch.allclose(index.embeddings[index.paths.index("5.png")], again, atol=1e-6)
 
 
+@pytest.mark.slow  # a CLI subprocess (imports torch and the towers: ~10 s); CI runs the slow set
 def test_search_command_prints_ranked_paths(run_cli, trained, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(trained["folder"], folder)

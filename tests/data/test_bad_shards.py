@@ -122,6 +122,7 @@ def test_shard_edited_in_place_with_the_same_size_is_re_encoded_and_refused_stal
     assert cache.load([str(shard)])[0] == [f"s{i:03d}|en|0" for i in range(5, 9)]
 
 
+@pytest.mark.slow  # a CLI subprocess (imports torch and the towers: ~10 s); CI runs the slow set
 def test_stage2_on_a_zero_byte_shard_exits_with_a_clear_error(run_cli, tmp_path):
     shard = tmp_path / "empty-000.tar"
     shard.write_bytes(b"")
