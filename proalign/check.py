@@ -48,20 +48,15 @@ def _embedder_config(cfg: RunConfig) -> EmbedderConfig:
 
 def _size_embedder(embedder: EmbedderConfig) -> tuple[int, int]:
     """(parameters, hidden size) of the embedder's architecture, built on the meta device."""
-    from transformers import AutoConfig, AutoModel
-    arch = dict(embedder.arch)
-    model_type = arch.pop("model_type", "bert")
-    arch.pop("seed", None)
-    if "vocab_size" not in arch:  # the random embedder takes its tokenizer's
-        from .models.hf_loading import load_tokenizer
-        arch["vocab_size"] = len(load_tokenizer(embedder.tokenizer, "embedder.tokenizer"))
+    from transformers import AutoModel
+    from .models.hf_loading import load_tokenizer, meta_parameters
+    from .models.sources import random_model_config
+    vocab = embedder.arch.get("vocab_size") or len(load_tokenizer(embedder.tokenizer, "embedder.tokenizer"))
+    config = random_model_config(embedder.arch, vocab)
     try:
-        config = AutoConfig.for_model(model_type, **arch)
-        with torch.device("meta"):
-            model = AutoModel.from_config(config)
+        return meta_parameters(lambda: AutoModel.from_config(config)), int(config.hidden_size)
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"embedder.arch: not a valid {model_type} architecture: {err}") from None
-    return _params(model), int(config.hidden_size)
+        raise ConfigError(f"embedder.arch: cannot build this architecture: {err}") from None
 
 
 def _check_shapes(cfg: RunConfig) -> None:

