@@ -44,7 +44,10 @@ def main(argv=None) -> int:
         _add_output_flags(p)
         return p
 
-    add("cache", "encode captions once with the LLM embedder and CLIP text teacher", resumable=False)
+    cache = add("cache", "encode captions once with the LLM embedder and CLIP text teacher", resumable=False)
+    cache.add_argument("--verify", action="store_true",
+                       help="also read every cached shard whole and re-encode those whose bytes changed (start-up "
+                            "otherwise compares size and mtime, or ETag / Last-Modified / Content-Length, only)")
     add("teacher", "pre-train a small CLIP on the training shards")
     add("stage1", "distil CLIP's text space into LLM embedder + adapter")
     add("stage2", "align image tower + adapter (InfoNCE + EMA self-distillation)")
@@ -165,7 +168,7 @@ def _dispatch(args) -> int:
     cfg = _load(args)  # validated before torch and the models are imported
     if args.command == "cache":
         from .stages.cache import run_cache
-        run_cache(cfg, progress=progress)
+        run_cache(cfg, progress=progress, verify=args.verify)
     else:  # one run per output folder
         with run_lock(cfg.output_dir, f"proalign {args.command}"):
             _run_command(args, cfg, progress)

@@ -13,9 +13,24 @@ from .errors import ProalignError
 log = logging.getLogger(__name__)
 
 
+def _temporary_beside(path: Path) -> Path:
+    """A new, empty file of this process's own beside `path` (unique across processes and hosts on a
+    shared filesystem: two writers never share a temporary file)."""
+    import tempfile
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise WriteError(path, err) from None
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from the job's other users
+    return Path(name)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary_beside(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -29,7 +44,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     full disk, a missing folder) removes the temporary file and names `path` in one line."""
     from safetensors import SafetensorError
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary_beside(path)
     # safetensors refuses shared storage: clone into contiguous, owned tensors.
     owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     try:

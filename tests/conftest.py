@@ -193,6 +193,49 @@ def write_shard():
     return _write_shard
 
 
+def _image_text_members(n, start=0, captions=None):
+    """(member name, bytes) of `n` samples `s<i>`: an 8x8 JPEG and proalign's JSON with English
+    caption `cap <i>` (or `captions(i)` -> {language: [texts]})."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buf, format="JPEG")
+    out = []
+    for i in range(start, start + n):
+        meta = {"captions": captions(i) if captions else {"en": [f"cap {i}"]}}
+        out += [(f"s{i:03d}.jpg", buf.getvalue()), (f"s{i:03d}.json", json.dumps(meta).encode())]
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_text_members():
+    """image_text_members(n, start=0, captions=None) -> shard members of n small samples."""
+    return _image_text_members
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving a fresh folder (Content-Length and Last-Modified on
+    every answer, HEAD included): yields (folder, base URL); stopped after the test."""
+    import functools
+    import http.server
+    import threading
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ----------------------------------------------------------------------------- small datasets on disk
 # Four classes of flat-colour images (shades per image), as an image folder and as a CoOp split.
 

@@ -1,12 +1,15 @@
 """Sidecar embedding cache for frozen encoders (the LLM embedder, the CLIP text teacher).
 
-Layout: `<cache_dir>/<kind>-<fingerprint>/<shard-stem>.safetensors`, one file per shard, holding
-an `embeddings` matrix whose rows follow the caption ids stored in its metadata. The
+Layout: `<cache_dir>/<kind>-<fingerprint>/<shard-stem>-<location digest>.safetensors`, one file
+per shard, named by the shard's whole location (resolved path or URL, proalign/data/locations.py),
+holding an `embeddings` matrix whose rows follow the caption ids stored in its metadata. The
 fingerprint hashes model + prefix + max length (or the teacher's weights), so a different
-encoder never reads another's cache; each file also records its shard's size and a SHA-256 of
-its bytes, so a rebuilt or edited shard (even one of the same size) makes its sidecar stale
-(detected, re-encoded by `build`, an error in `load`).
-Files are written atomically per shard, so an interrupted `build` resumes where it stopped.
+encoder never reads another's cache. Each file records its shard's location and identity (size
+and mtime; ETag / Last-Modified / Content-Length remotely), so a rebuilt or edited shard makes its
+sidecar stale without any shard being read at start-up; it also records a SHA-256 of the shard's
+bytes, checked only when asked (`proalign cache --verify`).
+Files are written atomically per shard, so an interrupted `build` resumes where it stopped, and
+two builds on one cache never leave a half-written file.
 """
 from __future__ import annotations
 
@@ -24,10 +27,11 @@ from torch.utils.data import IterableDataset
 from ..errors import ProalignError
 from ..storage import save_tensors
 from .captions import CaptionSpec, caption_role
+from . import locations
 from .shards import epoch_shards, expand_shards, read_captions, reader_partition, shuffle_buffered
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 # All of a sidecar's metadata sits under this one key, as sorted JSON: safetensors stores its
 # metadata in a hash map, whose order (and so the file's bytes) would differ between processes.
 META_KEY = "proalign_cache"
@@ -35,7 +39,6 @@ META_KEY = "proalign_cache"
 
 # Rows kept for texts that repeat across shards within one build (see EmbeddingCache.build).
 MEMO_BYTES = 256 * 2 ** 20
-_digests: dict[tuple, str] = {}
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -50,26 +53,13 @@ def read_sidecar_meta(handle) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def shard_digest(url: str) -> str:
-    """SHA-256 of a shard's bytes, memoised per (path, size, mtime) within the process."""
-    stat = Path(url).stat()
-    key = (str(Path(url).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        with open(url, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _digests[key] = digest.hexdigest()
-    return _digests[key]
-
-
 class StaleCacheError(ProalignError, RuntimeError):
     pass
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # metadata keys every sidecar has; any other key is an extra summed by `load` (the teacher's truncations)
-_BASE_KEYS = ("version", "fingerprint", "shard", "shard_size", "shard_sha256", "samples", "skips", "languages",
+_BASE_KEYS = ("version", "fingerprint", "shard", "shard_identity", "shard_sha256", "samples", "skips", "languages",
               "ids", "dtype", "tensor_sha256", "captions")
 
 
@@ -91,14 +81,15 @@ class EmbeddingCache:
         self.captions = captions or CaptionSpec()
 
     def sidecar(self, url: str) -> Path:
-        name = Path(url).name
-        stem = name[:-4] if name.endswith(".tar") else name
-        return self.dir / f"{stem}.safetensors"
+        return self.dir / f"{locations.cache_name(url)}.safetensors"
 
-    def _check(self, url: str, languages: Optional[Sequence[str]] = None, verify_rows: bool = False) -> Optional[str]:
+    def _check(self, url: str, languages: Optional[Sequence[str]] = None, verify_rows: bool = False,
+               verify_content: bool = False) -> Optional[str]:
         """None if the sidecar of `url` is present, readable, current and holds `languages` (None:
-        all), else why not. `verify_rows` also reads the rows and checks them against their checksum
-        (`build` does; training checks each sidecar's rows when it reads them)."""
+        all), else why not. The shard is described, not read (`locations.identity`);
+        `verify_content` also reads it whole and compares its SHA-256. `verify_rows` also reads the
+        rows and checks them against their checksum (`build` does; training checks each sidecar's
+        rows when it reads them)."""
         path = self.sidecar(url)
         if not path.exists():
             return "missing"
@@ -112,8 +103,12 @@ class EmbeddingCache:
             return f"stored as {meta.get('dtype', 'float32')}, not {self.dtype}"
         if meta.get("captions", "auto") != self.captions.key:
             return "its captions were read from other caption fields (data.captions changed)"
-        if meta.get("shard_size") != str(Path(url).stat().st_size) or meta.get("shard_sha256") != shard_digest(url):
+        if meta.get("shard") != locations.canonical(url):
+            return f"written for another shard ({meta.get('shard')})"
+        if meta.get("shard_identity") != locations.identity(url):
             return "its shard changed since it was cached"
+        if verify_content and meta.get("shard_sha256") != locations.content_digest(url):
+            return "its shard's bytes changed since it was cached (--verify)"
         cached = json.loads(meta.get("languages", "null"))
         if cached is not None and (languages is None or not set(languages) <= set(cached)):
             return f"cached for languages {cached}, not {sorted(languages) if languages else 'all'}"
@@ -137,7 +132,7 @@ class EmbeddingCache:
 
     def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
               extra: Optional[Callable[[list[str]], dict]] = None, progress: bool = True,
-              rank: int = 0, world: int = 1, memo_bytes: int = MEMO_BYTES) -> dict:
+              rank: int = 0, world: int = 1, memo_bytes: int = MEMO_BYTES, verify: bool = False) -> dict:
         """Encode every caption of this rank's shards not yet cached. Returns counts.
 
         Rank r of W takes every W-th shard of the sorted shard list, so the ranks' parts are
@@ -145,7 +140,8 @@ class EmbeddingCache:
         rank's shards reuses its row from the first shard while it stays in a bounded memo
         (`memo_bytes` of rows, least recently used out first; 0 turns it off). A reused row
         equals a fresh encoding up to float rounding (other batch neighbours), so sidecars are
-        byte-identical to a one-process build when no caption text spans shards of two ranks."""
+        byte-identical to a one-process build when no caption text spans shards of two ranks.
+        `verify` re-reads every cached shard whole and re-encodes those whose bytes changed."""
         from tqdm.auto import tqdm
         self.dir.mkdir(parents=True, exist_ok=True)
         memo = _RowMemo(memo_bytes)
@@ -154,13 +150,14 @@ class EmbeddingCache:
         where = f" [rank {rank}/{world}]" if world > 1 else ""
         bar = tqdm(urls, desc=f"cache {self.kind}{where}", disable=not progress, unit="shard")
         for url in bar:
-            reason = self._check(url, languages, verify_rows=True)
+            reason = self._check(url, languages, verify_rows=True, verify_content=verify)
             if reason is None:
                 stats["shards_reused"] += 1
                 continue
             if reason != "missing":
                 log.warning("re-encoding %s: cache %s", url, reason)
             skips: Counter = Counter()
+            shard_identity = locations.identity(url)  # before the read: a change during it is seen next time
             items = read_captions(url, languages, skips, self.captions)
             stats.update(skips)
             ids = [i for i, _ in items]
@@ -178,8 +175,8 @@ class EmbeddingCache:
             samples = len({cid.rsplit("|", 2)[0] for cid in ids})
             if skips:
                 log.info("%s: %d samples with captions; skipped %s", url, samples, dict(skips))
-            meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": Path(url).name,
-                    "shard_size": str(Path(url).stat().st_size), "shard_sha256": shard_digest(url),
+            meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": locations.canonical(url),
+                    "shard_identity": shard_identity, "shard_sha256": locations.content_digest(url),
                     "samples": str(samples), "skips": json.dumps(dict(skips)), "dtype": self.dtype,
                     "languages": json.dumps(sorted(languages) if languages else None),
                     "ids": json.dumps(ids, ensure_ascii=False)}

@@ -23,9 +23,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..distributed import rank_and_world
 from ..errors import ProalignError
 from .captions import CaptionSpec, caption_items
+from .locations import register_fsspec_readers
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
 log = logging.getLogger(__name__)
+register_fsspec_readers()
 # An endless stream stops after this many passes in a row without one usable sample (zero-byte
 # shards, every image corrupt) instead of spinning forever.
 MAX_EMPTY_PASSES = 2

@@ -52,13 +52,14 @@ def cache_languages(cfg: RunConfig) -> list[tuple[list[str], Optional[list[str]]
 
 
 def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress: bool = True,
-                 llm: bool = True, parts: Optional[list] = None) -> dict:
+                 llm: bool = True, parts: Optional[list] = None, verify: bool = False) -> dict:
     """Encode the captions once with the LLM embedder (`llm`) and the CLIP text teacher (`teacher`),
     over `parts` ((shards, languages) pairs; default `cache_languages(cfg)`).
 
     Under torchrun/DeepSpeed every rank encodes its own disjoint share of the shards (`rank::world`
     of the sorted list), then all ranks wait for each other; the returned counts are totals over
-    ranks (`per_rank` keeps this rank's own)."""
+    ranks (`per_rank` keeps this rank's own). `verify`: every cached shard is read whole and
+    compared with the SHA-256 its sidecar recorded (`proalign cache --verify`)."""
     from ..train.backends import resolve_device
     rank, world = rank_and_world()
     bs = cfg.embedder.batch_size
@@ -73,12 +74,12 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
             if llm:
                 stats["llm"].update(llm_cache(cfg, model).build(
                     shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
-                    progress=progress, rank=rank, world=world))
+                    progress=progress, rank=rank, world=world, verify=verify))
             if teacher:
                 stats["clip"].update(teacher_cache(cfg, model).build(
                     shards, lambda texts: encode_clip_text(model.clip, tok, texts, device=device), languages,
                     extra=lambda texts: {"truncated": count_truncated(tok, texts, ctx)}, progress=progress,
-                    rank=rank, world=world))
+                    rank=rank, world=world, verify=verify))
     if world > 1:
         import torch.distributed as dist
         dist.barrier()  # every rank's sidecars are written before anyone reads them
@@ -121,7 +122,7 @@ def _sum_over_ranks(stats: dict) -> dict:
     return {k: dict(v) if isinstance(v, Counter) else v for k, v in total.items()}
 
 
-def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
+def run_cache(cfg: RunConfig, progress: bool = True, verify: bool = False) -> dict:
     """`proalign cache`: join the process group when launched by torchrun/DeepSpeed, build this
     rank's share of the caches, report the totals on rank 0."""
     from .common import join_run
@@ -129,7 +130,7 @@ def run_cache(cfg: RunConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = ProCLIP.from_config(cfg)
     start = time.perf_counter()
-    stats = build_caches(cfg, model, progress=progress)
+    stats = build_caches(cfg, model, progress=progress, verify=verify)
     stats["seconds"] = time.perf_counter() - start  # encoding and the wait for the other ranks
     rank, world = rank_and_world()
     if rank == 0:

@@ -109,7 +109,7 @@ def test_cache_build_resumes_per_shard_after_a_crash(write_shard, tmp_path):
         return _code(texts)
     with pytest.raises(KeyboardInterrupt):
         cache.build(urls, dies_on_second_shard, ["en"], progress=False)
-    assert sorted(p.name for p in cache.dir.iterdir()) == ["caps-000.safetensors"]
+    assert sorted(p.name for p in cache.dir.iterdir()) == [cache.sidecar(urls[0]).name]
     stats = cache.build(urls, _code, ["en"], progress=False)
     assert stats["shards_reused"] == 1 and stats["shards_encoded"] == 2
     ids, rows, _ = cache.load(urls, ["en"])
