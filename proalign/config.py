@@ -539,6 +539,25 @@ def _check_deepspeed_json(path: str) -> None:
         raise ConfigError(f"deepspeed: {path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
     if not isinstance(value, dict):
         raise ConfigError(f"deepspeed: {path}: the top level must be a JSON object")
+    accumulation = value.get("gradient_accumulation_steps", 1)
+    if accumulation not in (1, "auto"):
+        raise ConfigError(f"deepspeed: {path}: gradient_accumulation_steps {accumulation!r}: DeepSpeed counts it in "
+                          "micro-steps (the schedule, the EMA and the step count would run that many times too "
+                          "fast); remove it and set <stage>.train.accum_steps instead, which proalign counts in "
+                          "optimizer steps and whose negatives span the whole accumulated batch")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
+        if key in value and value[key] != "auto":
+            raise ConfigError(f"deepspeed: {path}: {key} {value[key]!r}: the batch size comes from "
+                              "<stage>.train.batch_size (per rank); remove it from the JSON")
+    zero = value.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r}: proalign supports ZeRO 0, 1 and "
+                          "2 (ZeRO-3 partitions the parameters themselves, which the EMA teacher, the frozen "
+                          "towers and the checkpoints' weights read whole; it is not supported or tested)")
+    if value.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"deepspeed: {path}: fp16.enabled: use bf16 (fp16's loss scaling is not supported; "
+                          "the contrastive logits overflow fp16's range)")
 
 
 def _parse_scalar(text: str) -> Any:

@@ -11,6 +11,9 @@ class EMATeacher(nn.Module):
     """theta_bar <- m * theta_bar + (1 - m) * theta after each optimizer step; m = 1 keeps it frozen."""
 
     updated_outside_optimizer = True  # frozen to the optimizer, yet part of the training state
+    # An average of many small steps: kept in float32 whatever the training precision (in bf16,
+    # (1 - 0.999) * delta rounds away and the teacher never moves). Backends cast it back.
+    keeps_float32 = True
 
     def __init__(self, module: nn.Module, momentum: float = 0.999):
         super().__init__()
@@ -33,5 +36,7 @@ class EMATeacher(nn.Module):
             b_ema.copy_(b)
 
     @torch.no_grad()
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's output for `x`, in `x`'s dtype (the teacher itself runs in its own)."""
+        dtype = next(self.module.parameters()).dtype
+        return self.module(x.to(dtype)).to(x.dtype)

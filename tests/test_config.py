@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -203,3 +204,16 @@ def test_output_and_cache_dirs_must_be_usable_folders(repo_root, tmp_path):
         with pytest.raises(ConfigError, match=rf"{field}: .*a-file is a file, not a folder"):
             load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"{field}={tmp_path / 'a-file' / 'run'}"])
     load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"output_dir={tmp_path / 'new' / 'run'}"])  # created later
+
+
+@pytest.mark.parametrize("content, field", [
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps 2: DeepSpeed counts it in micro-steps"),
+    ({"train_batch_size": 512}, "train_batch_size 512: the batch size comes from <stage>.train.batch_size"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage 3: proalign supports ZeRO 0, 1 and 2"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled: use bf16")])
+def test_deepspeed_settings_proalign_owns_or_cannot_run_are_refused(repo_root, tmp_path, content, field):
+    from proalign.config import ConfigError, load_config
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=f"deepspeed: {ds_json}: {field}"):
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"deepspeed={ds_json}"])

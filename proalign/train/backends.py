@@ -19,7 +19,6 @@ import torch.nn as nn
 from ..checkpoints import CheckpointManager
 from ..config import RunConfig, TrainConfig
 from ..distributed import rank_and_world
-from ..errors import ConfigError
 from .optim import build_optimizer, lr_lambda
 from .task import StageTask
 
@@ -120,6 +119,11 @@ class Backend:
         """Context of one micro-batch's forward and backward (`last`: the step's final one)."""
         return contextlib.nullcontext()
 
+    def prepare(self, batch: dict) -> dict:
+        """The batch as the wrapped model takes it (floating tensors in its dtype: a bf16 engine
+        gets bf16 inputs); the plain backends autocast instead and change nothing."""
+        return batch
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -183,18 +187,27 @@ class DDP(Backend):
 
 
 class DeepSpeed(Backend):
-    """DeepSpeed (ZeRO, its own bf16/fp16 from the JSON); checkpoints keep its optimizer partitions
-    in `<checkpoint>/deepspeed`, read back without unpickling anything but tensors."""
+    """DeepSpeed (ZeRO 0-2, bf16 as its JSON says); checkpoints keep its optimizer partitions in
+    `<checkpoint>/deepspeed`, read back without unpickling anything but tensors.
+
+    Precision: with bf16 the engine casts the task to bf16 and this backend casts each batch's
+    floating inputs to match; modules that accumulate (the EMA teacher: `keeps_float32`) are cast
+    back to float32 and stay outside the cast. Accumulation is proalign's `train.accum_steps`,
+    counted in optimizer steps: the engine is told the same count, each micro-batch's loss is
+    backpropagated unscaled (the accumulated micro-losses already sum to the batch's gradient), and
+    the engine steps its optimizer, schedule and step count at the boundary only."""
 
     name = "deepspeed"
     checkpoint_kind = "deepspeed"
 
     def wrap(self, task: StageTask) -> nn.Module:
         model = super().wrap(task)
-        self.amp_dtype = None  # DeepSpeed has its own bf16 (the JSON's "bf16" section)
-        if self.train_cfg.accum_steps > 1:
-            raise ConfigError(f"{task.name}.train.accum_steps: not with DeepSpeed; set gradient_accumulation_steps "
-                              f"in {self.runtime.deepspeed} (DeepSpeed's micro-batches each use their own negatives)")
+        self.amp_dtype = None  # the engine casts the task itself; `prepare` casts the inputs
+        self.input_dtype = next(p.dtype for p in self.engine.module.parameters() if p.requires_grad)
+        for module in task.modules():
+            if getattr(module, "keeps_float32", False):
+                module.float()
+        self._last_micro_batch = True
         return model
 
     def _wrap_model(self, task: StageTask) -> nn.Module:
@@ -204,14 +217,26 @@ class DeepSpeed(Backend):
             config=deepspeed_config(self.runtime.deepspeed, self.train_cfg, self.device))
         return self.engine
 
+    def prepare(self, batch: dict) -> dict:
+        if self.input_dtype == torch.float32:
+            return batch
+        return {k: v.to(self.input_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in batch.items()}
+
+    def micro_batch(self, last: bool):
+        self._last_micro_batch = last
+        return contextlib.nullcontext()
+
     def zero_grad(self) -> None:
         pass  # the engine clears gradients in its step
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self._last_micro_batch:
+            self.engine.step()  # a micro-step: the engine only counts it
 
     def step(self) -> None:
-        self.engine.step()
+        self.engine.step()  # the boundary: optimizer, schedule, step count
 
     def scheduler_state(self) -> Optional[dict]:
         return None
@@ -250,16 +275,16 @@ def make_backend(runtime: Runtime, task_name: str) -> Backend:
 
 
 def deepspeed_config(path: str, train: TrainConfig, device: torch.device) -> dict:
+    """The JSON as written (bf16 included, on CPU too: DeepSpeed's CPU accelerator runs it), with
+    the batch and the accumulation from the stage's `train` section (the config check refuses a
+    JSON that sets them otherwise)."""
     config = json.loads(Path(path).read_text())
     config["train_micro_batch_size_per_gpu"] = train.batch_size
-    config.setdefault("gradient_accumulation_steps", 1)
+    config["gradient_accumulation_steps"] = train.accum_steps
     config.pop("train_batch_size", None)
     if train.optim.grad_clip:
         config["gradient_clipping"] = train.optim.grad_clip
     config["zero_allow_untested_optimizer"] = True
-    if device.type != "cuda":  # CPU: no half precision kernels worth using
-        for key in ("bf16", "fp16"):
-            config.setdefault(key, {})["enabled"] = False
     return config
 
 

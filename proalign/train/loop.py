@@ -19,7 +19,7 @@ from ..checkpoints import CheckpointManager
 from ..errors import ProalignError
 from .backends import Backend, Runtime, make_backend
 from .metrics import MetricsLog
-from .state import check_resume_config, restore_rng_state, rng_state
+from .state import check_resume_config, data_layout, restore_rng_state, rng_state
 from .task import StageTask
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,22 @@ def _stop_signals():
             signal.signal(sig, handler)
 
 
-def _stop_requested(received: list[int]) -> int:
-    """The signal that asked to stop (0: none); under data parallelism the ranks agree, so that all
-    of them write the checkpoint together."""
-    asked = received[0] if received else 0
+def _max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value` (each rank's own value in one process): what the ranks
+    decide together, so that all of them take the same branch into the next collective."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([asked], dtype=torch.long)
+        flag = torch.tensor([value], dtype=torch.long)
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        asked = int(flag.item())
-    return asked
+        return int(flag.item())
+    return value
+
+
+def _stop_requested(received: list[int]) -> int:
+    """The signal that asked to stop (0: none); under data parallelism the ranks agree, so that all
+    of them write the checkpoint together."""
+    return _max_over_ranks(received[0] if received else 0)
 
 
 def _loop(run: _Run, progress: bool) -> dict:
@@ -197,14 +202,17 @@ def _steps(run: _Run, bar, metrics_log: MetricsLog, received: list[int]) -> dict
 
 
 def _finite_or_skip(run: _Run, loss: torch.Tensor, step: int) -> bool:
-    """The non-finite policy: a non-finite loss is skipped and counted; too many in a row abort."""
-    if torch.isfinite(loss):
+    """The non-finite policy: a non-finite loss is skipped and counted; too many in a row abort.
+    The ranks decide together: one rank's non-finite loss skips the step on every rank (a rank
+    that skipped alone would leave the others waiting in the gradient all-reduce)."""
+    here = not bool(torch.isfinite(loss))
+    if not _max_over_ranks(int(here)):
         run.nonfinite_run = 0
         return True
     run.nonfinite_total += 1
     run.nonfinite_run += 1
-    log.warning("%s step %d: non-finite loss %s skipped (%d so far)", run.task.name, step, loss.item(),
-                run.nonfinite_total)
+    log.warning("%s step %d: non-finite loss %s skipped (%d so far)", run.task.name, step,
+                loss.item() if here else "on another rank", run.nonfinite_total)
     if run.nonfinite_run >= run.task.train_cfg.max_nonfinite_steps:
         raise NonFiniteLossError(f"{run.task.name}: {run.nonfinite_run} consecutive non-finite losses at step "
                                  f"{step}; lower the learning rate or check the data")
@@ -218,7 +226,7 @@ def _forward_backward(run: _Run, step: int):
     their features computed once without grad, then each micro-batch is recomputed with grad
     against the others' features and backpropagated (DDP synchronises on the last only)."""
     task, backend, k = run.task, run.backend, run.task.train_cfg.accum_steps
-    batches = [task.next_batch() for _ in range(k)]
+    batches = [backend.prepare(task.next_batch()) for _ in range(k)]
     cached = None
     if k > 1:
         with torch.no_grad(), backend.autocast():
@@ -250,5 +258,5 @@ def _save(run: _Run, step: int) -> None:
         raise NonFiniteLossError(f"{task.name} step {step}: non-finite weights ({', '.join(bad[:5])}); the "
                                  f"checkpoint is not written, the last good one stays in {run.ckpt.root}")
     state = {**rng_state(), "data": task.data_state(), "scheduler": run.backend.scheduler_state(),
-             "config": run.config}
+             "config": run.config, "layout": data_layout(run.config, run.backend.world)}
     run.backend.save_state(run.ckpt, step, tensors, state)

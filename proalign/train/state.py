@@ -26,11 +26,33 @@ def restore_rng_state(state: dict) -> None:
 
 # --resume with a changed config: fields applied from the checkpoint on (and said), per stage; the
 # other stages' sections do not matter to this one; any other change is refused.
-_RESUME_APPLIES = ("output_dir", "device", "precision", "deterministic", "data.num_workers", "data.cache_dir",
+_RESUME_APPLIES = ("output_dir", "device", "precision", "deterministic", "data.cache_dir",
                    "eval.*", "hub.*", "{stage}.train.steps", "{stage}.train.optim.lr", "{stage}.train.optim.warmup_steps",
                    "{stage}.train.log_every", "{stage}.train.checkpoint_every", "{stage}.train.eval_every",
                    "{stage}.train.max_nonfinite_steps", "coop.lr", "coop.epochs", "coop.log_every")
 _STAGE_SECTIONS = ("teacher", "stage1", "stage2", "coop")
+
+
+def data_layout(config: dict, world: int) -> dict:
+    """The reader layout a data position belongs to: ranks and DataLoader workers per rank (each
+    reader takes its own part of every epoch, so another layout reads other samples)."""
+    workers = int((config or {}).get("data", {}).get("num_workers", 0) or 0)
+    return {"world_size": int(world), "readers_per_rank": max(1, workers)}
+
+
+def _check_layout(state: dict, config: dict, where) -> None:
+    import os
+    stored = state.get("layout")
+    if not stored:
+        return
+    here = data_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if stored != here:
+        raise ConfigError(
+            f"--resume: {where} was written by {stored['world_size']} rank(s) x {stored['readers_per_rank']} "
+            f"reader(s) each; this run has {here['world_size']} rank(s) x {here['readers_per_rank']} (data.num_workers, "
+            "or 1 without workers). Its data position belongs to that layout: resuming on another would re-read "
+            "samples already trained on and skip others. Resume with the same ranks and data.num_workers, or start "
+            "a new run")
 
 
 def _flat(value, prefix: str = "") -> dict:
@@ -53,9 +75,11 @@ def check_resume_config(config: dict, ckpt: CheckpointManager, stage: str) -> li
     if not latest:
         return []
     try:
-        stored = json.loads((latest[-1] / "state.json").read_text()).get("config")
+        state = json.loads((latest[-1] / "state.json").read_text())
     except (OSError, json.JSONDecodeError):
         return []  # the resume itself reports an unreadable checkpoint
+    stored = state.get("config")
+    _check_layout(state, config, latest[-1])
     if not stored:
         log.info("--resume: %s predates stored configs; changes are not checked", latest[-1])
         return []
