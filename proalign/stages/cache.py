@@ -15,6 +15,7 @@ from ..config import RunConfig
 from ..data.cache import CachedTextFeatures, EmbeddingCache, PairedFeatureStream, ViewFeatureStream
 from ..data.captions import CaptionSpec
 from ..distributed import rank_and_world
+from ..models.deferred import DeferredEmbedder, read_record, write_record
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length, count_truncated, encode_clip_text, text_tower_fingerprint
 
@@ -62,6 +63,15 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     compared with the SHA-256 its sidecar recorded (`proalign cache --verify`)."""
     from ..train.backends import resolve_device
     rank, world = rank_and_world()
+    parts = cache_languages(cfg) if parts is None else parts
+    if llm and isinstance(model.embedder, DeferredEmbedder) and not model.embedder.built:
+        cache = llm_cache(cfg, model)
+        missing = [url for shards, languages in parts for url in _my_shards(shards, rank, world)
+                   if cache._check(url, languages, verify_content=verify) is not None]
+        if missing:
+            model.embedder.materialize(f"{len(missing)} shard(s) lack its cache (first: {missing[0]})")
+        else:
+            llm = False  # every caption of this rank's shards is cached: the embedder stays unbuilt
     bs = cfg.embedder.batch_size
     stats: dict = {"llm": Counter(), "clip": Counter()}
     ctx, tok = context_length(model.clip), model.clip_tokenizer
@@ -70,7 +80,7 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     model.clip.eval()
     encoders = ([model.embedder] if llm else []) + ([model.clip] if teacher else [])
     with _on_device(encoders, device):
-        for shards, languages in (cache_languages(cfg) if parts is None else parts):
+        for shards, languages in parts:
             if llm:
                 stats["llm"].update(llm_cache(cfg, model).build(
                     shards, lambda texts: model.embedder.encode(texts, batch_size=bs, progress=False), languages,
@@ -87,9 +97,32 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     stats = {k: dict(v) for k, v in stats.items() if v}
     if llm:
         stats["embedder_truncated"] = model.embedder.truncated_count
+        if rank == 0:
+            write_record(cache_root(cfg), cfg.embedder, model.embedder)
     if world > 1:
         stats = {**_sum_over_ranks(stats), "per_rank": stats, "ranks": world}
     return stats
+
+
+def _my_shards(shards, rank: int, world: int) -> list[str]:
+    """This rank's share of `shards`, as `EmbeddingCache.build` takes it."""
+    from ..data.shards import expand_shards
+    return sorted(expand_shards(shards))[rank::world]
+
+
+def training_model(cfg: RunConfig) -> ProCLIP:
+    """The stage's model; its embedder is deferred (built only if a caption is missing from the
+    cache) when a cache build already recorded it (models/deferred.py)."""
+    record = read_record(cache_root(cfg), cfg.embedder)
+    if record is None:
+        return ProCLIP.from_config(cfg)
+    return ProCLIP.from_config(cfg, embedder=DeferredEmbedder(cfg.embedder, record))
+
+
+def embedder_built(model: ProCLIP) -> bool:
+    """Whether this process built the embedder (a deferred one is built only for missing captions)."""
+    embedder = model.embedder
+    return embedder is not None and (not isinstance(embedder, DeferredEmbedder) or embedder.built)
 
 
 @contextlib.contextmanager

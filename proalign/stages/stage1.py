@@ -17,7 +17,7 @@ from ..data.shards import expand_shards
 from ..distributed import is_main
 from ..models.proclip import ProCLIP
 from ..models.towers import context_length
-from .cache import build_caches, llm_cache, paired_stream, teacher_cache
+from .cache import build_caches, embedder_built, llm_cache, paired_stream, teacher_cache, training_model
 from ..train import StageTask, seed_everything
 from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage, write_replica_checksum
 
@@ -86,7 +86,7 @@ def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     export the model file."""
     rank, _ = join_run(cfg)
     torch.manual_seed(cfg.seed)
-    model = model or ProCLIP.from_config(cfg)
+    model = model or training_model(cfg)
     build_caches(cfg, model, progress=progress)
     extra = teacher_cache(cfg, model).summary(cfg.data.train_shards, cfg.data.train_languages)
     log.info("stage1: %d training captions; CLIP teacher truncated %d of them at %d tokens",
@@ -105,7 +105,8 @@ def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
         log.warning("stage1: skipped %d training samples: %s", n, reason)
     summary = {"stage": "stage1", "train_captions": extra["captions"], "teacher_truncated": extra.get("truncated", 0),
                "shard_samples": extra["shard_samples"], **{f"skipped_{k}": v for k, v in extra["skips"].items()},
-               "heldout_cosine_before": before, "heldout_cosine_after": after, **last}
+               "heldout_cosine_before": before, "heldout_cosine_after": after, "embedder_built": embedder_built(model),
+               **last}
     append_summary(cfg, summary)
     if rank == 0:
         print(f"stage1: held-out cosine to the CLIP teacher {before:.4f} -> {after:.4f} "

@@ -16,7 +16,7 @@ from ..distributed import is_main
 from ..eval.evaluator import Evaluator, image_encoder, llm_text_tower, load_shard_set, mean_recalls
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
-from .cache import build_caches, cached_llm_features, shard_text_features
+from .cache import build_caches, cached_llm_features, embedder_built, shard_text_features, training_model
 from ..train import StageTask, seed_everything
 from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage, write_replica_checksum
 
@@ -100,7 +100,7 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     """Build the LLM caches (every rank its share), align, report held-out retrieval before/after, export."""
     rank, world = join_run(cfg)
     torch.manual_seed(cfg.seed)
-    model = model or ProCLIP.from_config(cfg)
+    model = model or training_model(cfg)
     build_caches(cfg, model, teacher=False, progress=progress)
     heldout = heldout_evaluation(cfg, model) if cfg.data.eval_shards and rank == 0 else None
     before = heldout() if heldout else {}
@@ -114,7 +114,7 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     after = heldout() if heldout else {}
     if is_main():
         model.save(Path(cfg.output_dir) / "stage2.safetensors", stage_metadata(cfg, model, "stage2"))
-    summary = {"stage": "stage2", **last, **{f"before_{k}": v for k, v in before.items()},
+    summary = {"stage": "stage2", **last, "embedder_built": embedder_built(model), **{f"before_{k}": v for k, v in before.items()},
                **{f"after_{k}": v for k, v in after.items()}}
     append_summary(cfg, summary)
     if before:
