@@ -36,3 +36,12 @@ def demo_config(*overrides: str):
     from proalign.config import load_config
     os.chdir(ROOT)
     return load_config(ROOT / "configs" / "demo.yaml", ["output_dir=/tmp/proalign-bench", *overrides])
+
+
+def model_without_embedder(cfg, width: int = 384):
+    """The configured model with its adapter sized for an embedder of `width` that is never built
+    (benchmarks time the image tower and adapter on random features)."""
+    from proalign.models.deferred import DeferredEmbedder
+    from proalign.models.proclip import ProCLIP
+    record = {"fingerprint": "benchmark", "dim": width, "probe": []}
+    return ProCLIP.from_config(cfg, embedder=DeferredEmbedder(cfg.embedder, record))

@@ -6,16 +6,15 @@ import argparse
 import json
 import time
 
-from common import demo_config
+from common import demo_config, model_without_embedder
 
 
 def run(batch_size: int = 64, batches: int = 20, workers: int = 2) -> dict:
     import torch
     from proalign.data.shards import Batcher, ImageTextStream
-    from proalign.models.proclip import ProCLIP
     from proalign.stages.stage2 import Stage2Task
     cfg = demo_config("embedder.arch={hidden_size: 384}")
-    model = ProCLIP.from_config(cfg, load_embedder=False)
+    model = model_without_embedder(cfg)
     stream = ImageTextStream(cfg.data.train_shards, model.preprocess_train, ["en"], seed=0)
     batcher = Batcher(stream, batch_size, num_workers=workers)
     batcher.next_batch()  # start the workers

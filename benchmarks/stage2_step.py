@@ -10,17 +10,16 @@ import json
 import time
 from pathlib import Path
 
-from common import demo_config, side_by_side
+from common import demo_config, model_without_embedder, side_by_side
 
 
 def _models(tower: str):
-    from proalign.models.proclip import ProCLIP
     e5_width = "embedder.arch={hidden_size: 384}"  # the adapter's input width, without loading e5
     if tower == "demo":
         cfg = demo_config(e5_width)
     else:  # open_clip's ViT-B-16 image tower, 224 px
         cfg = demo_config(e5_width, "clip.model=ViT-B-16", "clip.arch=null", "data.image_size=224")
-    model = ProCLIP.from_config(cfg, load_embedder=False)
+    model = model_without_embedder(cfg)
     return cfg, model
 
 

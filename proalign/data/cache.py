@@ -158,7 +158,8 @@ class EmbeddingCache:
                 log.warning("re-encoding %s: cache %s", url, reason)
             skips: Counter = Counter()
             shard_identity = locations.identity(url)  # before the read: a change during it is seen next time
-            items = read_captions(url, languages, skips, self.captions)
+            digest = hashlib.sha256()  # of the shard's bytes as they are read: no second read
+            items = read_captions(url, languages, skips, self.captions, digest)
             stats.update(skips)
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
@@ -176,7 +177,7 @@ class EmbeddingCache:
             if skips:
                 log.info("%s: %d samples with captions; skipped %s", url, samples, dict(skips))
             meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": locations.canonical(url),
-                    "shard_identity": shard_identity, "shard_sha256": locations.content_digest(url),
+                    "shard_identity": shard_identity, "shard_sha256": digest.hexdigest(),
                     "samples": str(samples), "skips": json.dumps(dict(skips)), "dtype": self.dtype,
                     "languages": json.dumps(sorted(languages) if languages else None),
                     "ids": json.dumps(ids, ensure_ascii=False)}

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..distributed import rank_and_world
 from ..errors import ProalignError
 from .captions import CaptionSpec, caption_items
-from .locations import register_fsspec_readers
+from .locations import open_stream, register_fsspec_readers
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
 log = logging.getLogger(__name__)
@@ -67,18 +67,53 @@ def _unsafe_key(key: str) -> bool:
     return path.startswith("/") or drive or ".." in path.split("/")
 
 
-def iter_raw_samples(url: str, skips: Optional[Counter] = None) -> Iterator[dict]:
-    """Raw samples (key -> bytes) of one shard, in file order.
+class _HashingReader:
+    """A binary stream that feeds every byte read through it to `digest`."""
+
+    def __init__(self, stream, digest):
+        self.stream, self.digest = stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what the tar reader left (its end-of-archive blocks), so the digest covers the file."""
+        for block in iter(lambda: self.read(1 << 20), b""):
+            pass
+
+
+def _shard_members(url: str, handler, digest=None) -> Iterator[dict]:
+    """webdataset's tar reading (members grouped into samples by key) over one shard's stream;
+    with `digest`, every byte of the shard goes through it on the way (no second read)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+    try:
+        stream = open_stream(url)
+    except Exception as exn:  # an unreachable URL, a failing pipe: the handler counts it
+        handler(exn)
+        return
+    source = _HashingReader(stream, digest) if digest is not None else stream
+    try:
+        yield from group_by_keys(tar_file_expander(iter([{"url": url, "stream": source}]), handler=handler),
+                                 handler=handler)
+        if digest is not None:
+            source.drain()
+    finally:
+        stream.close()
+
+
+def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None) -> Iterator[dict]:
+    """Raw samples (key -> bytes) of one shard, in file order (`digest`, a hashlib object, gets
+    every byte of the shard as it is read).
 
     Counted skips: `truncated_shard` (the tar is cut: its samples up to the cut are read, the
     last one, which the cut may have split, is dropped), `unsafe_member_name` (an absolute or
     `..` member path) and `corrupt_tar` (unreadable tar data)."""
-    import webdataset as wds
     skips = skips if skips is not None else Counter()
     truncated = "://" not in url and not url.startswith("pipe:") and not tar_is_complete(url)
-    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=_tar_handler(skips)))
     pending, count = None, 0
-    for sample in pipeline:
+    for sample in _shard_members(url, _tar_handler(skips), digest):
         if _unsafe_key(str(sample.get("__key__", ""))):
             skips["unsafe_member_name"] += 1
             log.warning("%s: skipping sample with unsafe member name %r", url, sample.get("__key__"))
@@ -103,11 +138,11 @@ def parse_meta(sample: dict, where: str, captions: Optional[CaptionSpec] = None)
 
 
 def read_captions(url: str, languages: Optional[Sequence[str]] = None, skips: Optional[Counter] = None,
-                  captions: Optional[CaptionSpec] = None):
+                  captions: Optional[CaptionSpec] = None, digest=None):
     """[(caption_id, text)] of one shard; malformed records are skipped and counted."""
     skips = skips if skips is not None else Counter()
     items = []
-    for sample in iter_raw_samples(url, skips):
+    for sample in iter_raw_samples(url, skips, digest):
         try:
             meta = parse_meta(sample, url, captions)
         except (ValueError, json.JSONDecodeError) as err:
