@@ -25,6 +25,8 @@ def _add_output_flags(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
     p.add_argument("--verbose", action="store_true",
                    help="also show the model libraries' own load bars and notices")
+    p.add_argument("--force", action="store_true",
+                   help="use output_dir even when it is a non-empty folder that is not a proalign run")
 
 
 def main(argv=None) -> int:
@@ -162,7 +164,7 @@ def _dispatch(args) -> int:
     from .runlock import run_lock
     if args.command == "demo":
         from .demo import run_demo
-        with run_lock(args.output_dir, "proalign demo"):
+        with run_lock(args.output_dir, "proalign demo", force=args.force):
             run_demo(args.output_dir, args.config, args.set, resume=args.resume, progress=progress)
         return 0
     cfg = _load(args)  # validated before torch and the models are imported
@@ -170,7 +172,7 @@ def _dispatch(args) -> int:
         from .stages.cache import run_cache
         run_cache(cfg, progress=progress, verify=args.verify)
     else:  # one run per output folder
-        with run_lock(cfg.output_dir, f"proalign {args.command}"):
+        with run_lock(cfg.output_dir, f"proalign {args.command}", force=args.force):
             _run_command(args, cfg, progress)
     print(f"{args.command} finished in {time.time() - start:.1f}s")
     return 0

@@ -22,6 +22,9 @@ from .errors import ProalignError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".proalign-lock"
+# Written into every folder proalign uses as an output_dir: a non-empty folder without it is the
+# user's, not a run, and is refused (it would get config.yaml replaced and .jsonl files appended).
+RUN_MARKER = ".proalign-run"
 # A lock file younger than this with no readable content is being written by its holder.
 _WRITE_WINDOW_S = 10.0
 _held: dict[Path, int] = {}  # locks this process holds -> nesting depth (the demo runs stages inside)
@@ -64,14 +67,37 @@ def _describe(holder: dict) -> str:
             f"since {holder.get('since', '?')})")
 
 
+def claim_run_folder(folder: Path, force: bool = False) -> None:
+    """`folder` as an output_dir: created, or already a run (its marker), or empty; a folder of the
+    user's files is refused, naming it and the way to accept it anyway."""
+    marker = folder / RUN_MARKER
+    if folder.exists() and not folder.is_dir():
+        raise RunLockError(f"output_dir {folder}: exists and is not a folder")
+    if folder.is_dir() and not marker.is_file() and not force:
+        entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise RunLockError(f"output_dir {folder}: a non-empty folder that is not a proalign run ({len(entries)} "
+                               f"entries: {shown}; no {RUN_MARKER}). proalign would replace config.yaml and append "
+                               "to .jsonl files there: give a new or empty output_dir, or pass --force to use this "
+                               "folder anyway")
+    if marker.is_symlink() or (marker.exists() and not marker.is_file()):
+        raise RunLockError(f"{marker}: is not a regular file (a symbolic link?): remove it")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
 @contextlib.contextmanager
-def run_lock(folder: str | Path, command: str) -> Iterator[None]:
-    """Hold `folder`'s run lock for the duration (re-entrant within one process)."""
+def run_lock(folder: str | Path, command: str, force: bool = False) -> Iterator[None]:
+    """Hold `folder`'s run lock for the duration (re-entrant within one process). A folder that is
+    not empty and not a proalign run (no RUN_MARKER) is refused unless `force`; the folder is
+    marked as a run once the lock is held."""
     if int(os.environ.get("RANK", "0") or 0) != 0:
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(folder, force)
     path = (folder / LOCK_NAME).resolve()
     if path in _held:
         _held[path] += 1

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from .data.cache import tensor_digest
 from .data.classification import IMAGE_SUFFIXES
 from .errors import ProalignError
+from .storage import atomic_write_text
 from .storage import save_tensors
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def write_html(queries: Sequence[str], hits: Sequence[Sequence[Hit]], root: Path
                          f"<figcaption>{rank}. {html.escape(display_path(hit.path))}<br>{hit.score:+.3f}"
                          "</figcaption></figure>")
         parts.append("</div>")
-    out.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_text(out, "\n".join(parts))
     return out
 
 

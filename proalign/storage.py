@@ -13,6 +13,50 @@ from .errors import ProalignError
 log = logging.getLogger(__name__)
 
 
+class UnsafeTargetError(ProalignError):
+    """A symbolic link or a non-regular file where proalign would write: never followed or replaced."""
+
+
+def check_target(path: str | Path) -> Path:
+    """`path` is free, or a regular file proalign may replace or append to; a symbolic link (planted
+    or not) or anything else there is an error naming it."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafeTargetError(f"{path}: is a symbolic link (to {os.readlink(path)}); proalign never writes "
+                                "through links in a run folder: remove it")
+    if path.exists() and not path.is_file():
+        raise UnsafeTargetError(f"{path}: exists and is not a regular file; proalign writes a file there: remove it")
+    return path
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append `text` to the regular file `path` (created if absent), never through a symbolic link."""
+    path = check_target(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as err:
+        if path.is_symlink():  # planted between the check and the open
+            raise UnsafeTargetError(f"{path}: is a symbolic link; proalign never writes through links") from None
+        raise WriteError(path, err) from None
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
+        import stat
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise UnsafeTargetError(f"{path}: is not a regular file; proalign appends to files only")
+        handle.write(text)
+
+
+def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
+    """A matplotlib figure written like every other file: a temporary file, then a rename."""
+    path = check_target(path)
+    tmp = _temporary_beside(path)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(path, err) from None
+
+
 def _temporary_beside(path: Path) -> Path:
     """A new, empty file of this process's own beside `path` (unique across processes and hosts on a
     shared filesystem: two writers never share a temporary file)."""
@@ -29,7 +73,9 @@ def _temporary_beside(path: Path) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (never through a
+    symbolic link there: that is an error naming it)."""
+    path = check_target(path)
     tmp = _temporary_beside(path)
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -43,7 +89,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     """Write a safetensors file atomically (a temporary file, then a rename). A write that fails (a
     full disk, a missing folder) removes the temporary file and names `path` in one line."""
     from safetensors import SafetensorError
-    path = Path(path)
+    path = check_target(path)
     tmp = _temporary_beside(path)
     # safetensors refuses shared storage: clone into contiguous, owned tensors.
     owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..eval.report import language_table, markdown_table, plot_languages, retrieval_sections, write_rows
+from ..storage import atomic_write_text
 from .claims import SIGMAS, claims, split_summary
 
 
@@ -39,7 +40,7 @@ def write_report(out: Path, rows: list[dict], text_rows: list[dict], timings: di
     parts += ["## Time per step (seconds)", "",
               markdown_table([{"step": k, "seconds": round(v, 1)} for k, v in timings.items()], ["step", "seconds"]),
               "", f"Peak RSS: {peak_gb:.2f} GB.", ""]
-    (out / "results.md").write_text("\n".join(parts))
-    (out / "timings.json").write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=1) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(parts))
+    atomic_write_text(out / "timings.json", json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=1) + "\n")
     print("\n".join(parts))
     print(f"[demo] wrote {out / 'results.md'}")

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..storage import atomic_write_text
+from ..storage import atomic_savefig, atomic_write_text
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -84,7 +84,7 @@ def plot_languages(rows: Sequence[dict], path: str | Path, metric: str = "t2i_R@
     ax.set_title(title or metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -99,7 +99,7 @@ def coop_report(rows: Sequence[dict], table_path: str | Path, plot_path: str | P
     text = "\n".join(["# CoOp head: zero-shot accuracy by language of the class names", "",
                        "`gap` = accuracy with English names minus accuracy with this language's names.", "",
                        coop_table(rows), ""])
-    Path(table_path).write_text(text)
+    atomic_write_text(table_path, text)
     long_rows = [{"model": key[4:], "language": r["language"], "acc": r[key]}
                  for r in rows for key in r if key.startswith("acc ")]
     plot_languages(long_rows, plot_path, "acc", "CoOp: zero-shot accuracy, hand-written vs learned context")
@@ -132,9 +132,7 @@ def truncation_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def write_rows(rows: Sequence[dict], path: Path) -> None:
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def retrieval_sections(rows: Sequence[dict], out: Path, summary=None, summary_columns: Sequence[str] = ()) -> list[str]:
@@ -259,7 +257,7 @@ def plot_protocol(results: list[dict], part: str, path: Path, title: str) -> Non
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -267,9 +265,8 @@ def write_protocol_report(results: list[dict], out: Path, shots: Sequence[int], 
                           base_to_new: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     part = "base" if base_to_new else "all"
-    with (out / "coop_protocol.jsonl").open("w") as f:
-        for result in results:
-            f.write(json.dumps(result, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "coop_protocol.jsonl",
+                      "".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
     plot_protocol(results, part, out / "coop_protocol.png",
                   "CoOp: accuracy vs shots" + (" (base classes)" if base_to_new else ""))
     parts = ["# CoOp protocol", "",

@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..config import EvalDatasetConfig, RunConfig
+from ..storage import atomic_write_text
 from .evaluator import (CLIP_TOWER, EvalSet, Evaluator, clip_text_tower, image_encoder, llm_text_tower,
                         load_eval_set, prompt_text_tower)
 from .report import (image_weighted_mean, image_weighted_se, markdown_table, plot_languages, retrieval_sections,
@@ -148,7 +149,7 @@ def write_eval_report(rows: list[dict], out: Path, class_rows: Optional[list[dic
                                  ["dataset", "model", "t2i_R@1"]), "",
                   f"![summary]({plot_path.name})", ""]
     path = out / "results.md"
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     print("\n".join(parts))
     return path
 

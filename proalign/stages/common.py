@@ -77,10 +77,10 @@ def append_summary(cfg: RunConfig, summary: dict) -> None:
     """One JSON line per finished stage in `<output_dir>/summary.jsonl` (rank 0)."""
     if not is_main():
         return
+    from ..storage import append_text
     path = Path(cfg.output_dir) / "summary.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({"time": time.time(), **summary}, default=float) + "\n")
+    append_text(path, json.dumps({"time": time.time(), **summary}, default=float) + "\n")
 
 
 def stage_metadata(cfg: RunConfig, model, stage: str, shards: Optional[list] = None) -> dict[str, str]:
@@ -104,6 +104,9 @@ def stage_metadata(cfg: RunConfig, model, stage: str, shards: Optional[list] = N
 
 def write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> None:
     """Each rank records a hash of its trained weights: replicas must agree after data-parallel training."""
+    from ..storage import atomic_write_text, check_target
     folder = Path(cfg.output_dir) / "replicas"
+    if folder.is_symlink():
+        check_target(folder)  # names it
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{task.name}-rank{rank}.txt").write_text(state_fingerprint(task.training_state()) + "\n")
+    atomic_write_text(folder / f"{task.name}-rank{rank}.txt", state_fingerprint(task.training_state()) + "\n")

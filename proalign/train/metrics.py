@@ -19,6 +19,13 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.stage = stage
         self.tb = None
+        if enabled:
+            from ..storage import UnsafeTargetError, check_target
+            check_target(self.path)
+            for folder in (run_dir / "tensorboard", run_dir / "tensorboard" / stage):
+                if folder.is_symlink():
+                    raise UnsafeTargetError(f"{folder}: is a symbolic link; proalign never writes through links "
+                                            "in a run folder: remove it")
         if enabled and self.path.exists():
             self._drop_rows_after(start_step)
         if enabled:
@@ -46,8 +53,8 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"stage": self.stage, "step": step, "time": time.time(), **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        from ..storage import append_text
+        append_text(self.path, json.dumps(row) + "\n")
         if self.tb:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
