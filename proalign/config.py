@@ -135,6 +135,11 @@ class DataConfig:
     train_languages: list = field(default_factory=lambda: ["en"])
     eval_languages: list = field(default_factory=list)
     image_size: Optional[int] = None
+    # Images are checked before they are decoded: more pixels, or a longer side more than this many
+    # times the shorter (a 600000 x 1 PNG is 661 bytes; resized for evaluation it is gigabytes),
+    # is a counted `bad_image` skip.
+    max_image_pixels: int = 64_000_000
+    max_image_aspect: float = 20.0
     num_workers: int = 0
     max_eval_samples: Optional[int] = None
     cache_dir: Optional[str] = None
@@ -150,6 +155,12 @@ class DataConfig:
     # Image-text pairs in train_shards, for planning (`proalign check`'s cache size); training
     # does not read it.
     train_samples: Optional[int] = None
+
+
+# Per-rank samples of one optimizer step (batch_size x accum_steps): beyond this a config is a typo,
+# not a run (every micro-batch's features are held for the step).
+MAX_BATCH = 1 << 20
+MAX_ACCUM_STEPS = 4096
 
 
 @dataclass
@@ -432,9 +443,12 @@ def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
         need(train.checkpoint_every > 0, f"{stage}.train.checkpoint_every", "must be > 0")
         need(train.eval_every >= 0, f"{stage}.train.eval_every", "must be >= 0 (0: no periodic eval)")
         need(train.max_nonfinite_steps > 0, f"{stage}.train.max_nonfinite_steps", "must be > 0")
-        need(train.accum_steps >= 1, f"{stage}.train.accum_steps", "must be >= 1")
-        need(train.optim.lr > 0, f"{stage}.train.optim.lr", "must be > 0")
-        need(len(train.optim.betas) == 2, f"{stage}.train.optim.betas", "needs two values")
+        need(1 <= train.accum_steps <= MAX_ACCUM_STEPS, f"{stage}.train.accum_steps", f"must be in [1, {MAX_ACCUM_STEPS}]")
+        need(train.batch_size <= MAX_BATCH, f"{stage}.train.batch_size", f"must be <= {MAX_BATCH:,} (per rank)")
+        need(train.batch_size * train.accum_steps <= MAX_BATCH, f"{stage}.train.accum_steps",
+             f"x batch_size = {train.batch_size * train.accum_steps:,} samples per step and rank, over {MAX_BATCH:,}: "
+             "every micro-batch's features are kept for the step")
+        _check_optim(need, train.optim, f"{stage}.train.optim")
     if cfg.teacher.lock_text_tower:
         text_cfg = (cfg.clip.arch or {}).get("text_cfg") or {}
         need(bool(text_cfg.get("hf_model_name") or cfg.clip.pretrained or cfg.clip.checkpoint),
@@ -450,7 +464,7 @@ def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
     need(cfg.coop.shots > 0, "coop.shots", "must be > 0")
     need(cfg.coop.epochs > 0, "coop.epochs", "must be > 0")
     need(cfg.coop.batch_size > 0, "coop.batch_size", "must be > 0")
-    need(cfg.coop.lr > 0, "coop.lr", "must be > 0")
+    need(math.isfinite(cfg.coop.lr) and 0 < cfg.coop.lr <= 10, "coop.lr", "must be finite and in (0, 10]")
     need(cfg.coop.log_every > 0, "coop.log_every", "must be > 0")
     need(cfg.coop.max_classes is None or cfg.coop.max_classes > 1, "coop.max_classes", "must be > 1 (or null: all)")
     need(cfg.embedder.batch_size > 0, "embedder.batch_size", "must be > 0")
@@ -460,6 +474,10 @@ def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
          "embedder.instruction_template", "must contain {instruction}")
     need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.image_size is None or 8 <= cfg.data.image_size <= 4096, "data.image_size",
+         f"must be in [8, 4096] pixels (or null: the tower's own), got {cfg.data.image_size}")
+    need(cfg.data.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+    need(cfg.data.max_image_aspect >= 1, "data.max_image_aspect", "must be >= 1")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     from .data.captions import ROLES
     bad_views = [v for v in cfg.stage1.views if v not in ROLES]
@@ -527,6 +545,22 @@ def _check_shards(where: str, patterns) -> None:
         expand_shards(patterns)
     except ShardPatternError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_optim(need, optim: "OptimConfig", where: str) -> None:
+    """Optimizer settings finite and in range, before any compute (a NaN or infinite rate would
+    otherwise fail late or be silently ignored)."""
+    finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+    need(finite(optim.lr) and 0 < optim.lr <= 10, f"{where}.lr", f"must be finite and in (0, 10], got {optim.lr}")
+    need(finite(optim.weight_decay) and 0 <= optim.weight_decay <= 10, f"{where}.weight_decay",
+         f"must be finite and in [0, 10], got {optim.weight_decay}")
+    need(finite(optim.momentum) and 0 <= optim.momentum < 1, f"{where}.momentum", "must be in [0, 1)")
+    need(len(optim.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in optim.betas), f"{where}.betas",
+         f"needs two values in [0, 1), got {optim.betas}")
+    need(finite(optim.eps) and optim.eps > 0, f"{where}.eps", "must be finite and > 0")
+    need(optim.warmup_steps >= 0, f"{where}.warmup_steps", f"must be >= 0, got {optim.warmup_steps}")
+    need(optim.grad_clip is None or (finite(optim.grad_clip) and optim.grad_clip > 0), f"{where}.grad_clip",
+         "must be finite and > 0 (or null: no clipping)")
 
 
 def _check_deepspeed_json(path: str) -> None:

@@ -217,3 +217,20 @@ def test_deepspeed_settings_proalign_owns_or_cannot_run_are_refused(repo_root, t
     ds_json.write_text(json.dumps(content))
     with pytest.raises(ConfigError, match=f"deepspeed: {ds_json}: {field}"):
         load_config(repo_root / "configs" / "tiny-cpu.yaml", [f"deepspeed={ds_json}"])
+
+
+@pytest.mark.parametrize("override, field", [
+    ("stage1.train.accum_steps=1000000000", "stage1.train.accum_steps: must be in \\[1, 4096\\]"),
+    ("stage2.train.accum_steps=4000;stage2.train.batch_size=1000", "stage2.train.accum_steps: x batch_size = "),
+    ("stage1.train.batch_size=100000000", "stage1.train.batch_size: must be <= "),
+    ("stage1.train.optim.lr=.inf", "stage1.train.optim.lr: must be finite"),
+    ("stage1.train.optim.lr=.nan", "stage1.train.optim.lr: must be finite"),
+    ("stage2.train.optim.weight_decay=-1e9", "stage2.train.optim.weight_decay: must be finite and in \\[0, 10\\]"),
+    ("stage1.train.optim.warmup_steps=-5", "stage1.train.optim.warmup_steps: must be >= 0"),
+    ("stage1.train.optim.betas=[0.9, 1.5]", "stage1.train.optim.betas: needs two values in \\[0, 1\\)"),
+    ("stage1.train.optim.eps=0", "stage1.train.optim.eps: must be finite and > 0"),
+    ("data.image_size=0", "data.image_size: must be in \\[8, 4096\\]"),
+    ("data.max_image_aspect=0.5", "data.max_image_aspect: must be >= 1")])
+def test_absurd_numbers_are_config_errors_naming_the_field(repo_root, override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(repo_root / "configs" / "tiny-cpu.yaml", override.split(";"))

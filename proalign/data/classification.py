@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .formats import DatasetFormatError, image_inside, register_format
+from .images import open_rgb
 from .shards import IMAGE_EXTS, decode_image, expand_shards, iter_raw_samples, parse_meta
 
 log = logging.getLogger(__name__)
@@ -326,13 +327,11 @@ def decode_classification(records: ClassificationRecords, preprocess: Callable, 
                           skips: Optional[Counter] = None):
     """LabelledImages of the records (unreadable images skipped, counted and logged)."""
     import torch
-    from PIL import Image
     skips = skips if skips is not None else Counter()
     images, labels = [], []
     for path, label in records.items[:max_samples] if max_samples else records.items:
         try:
-            with Image.open(path) as image:
-                images.append(preprocess(image.convert("RGB")))
+            images.append(preprocess(open_rgb(path)))
         except Exception as err:  # counted skip: corrupt image file
             skips["bad_image"] += 1
             log.warning("skipping unreadable image %s: %s", path, err)

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from PIL import Image
+from .images import open_rgb
 
 from . import readers  # noqa: F401  (registers the retrieval formats)
 from .classification import decode_classification, few_shot, pick_classes
@@ -61,8 +61,7 @@ def load_records(records: Sequence[Record], preprocess: Callable, max_samples: O
         if record.key in metas:
             raise DatasetFormatError(f"duplicate image key {record.key!r} ({record.image_path})")
         try:
-            with Image.open(record.image_path) as image:
-                images.append(preprocess(image.convert("RGB")))
+            images.append(preprocess(open_rgb(record.image_path)))
         except Exception as err:  # counted skip: corrupt image file
             skips["bad_image"] += 1
             log.warning("skipping unreadable image %s: %s", record.image_path, err)

@@ -8,7 +8,6 @@ otherwise samples round-robin, so every rank sees a disjoint part of each epoch.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..distributed import rank_and_world
 from ..errors import ProalignError
 from .captions import CaptionSpec, caption_items
+from .images import open_rgb
 from .locations import open_stream, register_fsspec_readers
 from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
 
@@ -38,10 +38,36 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 def _tar_handler(counter: Counter):
     def handler(exn: Exception) -> bool:
+        if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
+            # a sample's member repeated right after it (`k.jpg k.json k.jpg ...`): the first is kept
+            counter["duplicate_member"] += 1
+            log.warning("skipping a repeated member of one sample: %s", str(exn.args[0])[:200])
+            return True
         counter["corrupt_tar"] += 1
         log.warning("skipping unreadable shard data: %s", exn)
         return True
     return handler
+
+
+def _member_key(skips: Counter, url: str):
+    """webdataset's split of a member name into (sample key, extension), counting the names it
+    cannot split (`..x`: dropped by webdataset without a word) or splits oddly (`k..dots.png`: an
+    extension starting with a dot), which are skipped under `odd_member_name`."""
+    from webdataset.tariterators import base_plus_ext
+
+    def split(name: str):
+        key, ext = base_plus_ext(name)
+        if key is None or not ext or ext.startswith(".") or key.rsplit("/", 1)[-1] == "":
+            skips["odd_member_name"] += 1
+            log.warning("%s: skipping member %r: no sample key and extension can be read from its name", url,
+                        name[:200])
+            return None, None
+        return key, ext
+    return split
+
+
+class DuplicateKeyError(ProalignError, ValueError):
+    """A sample key in two shards of one eval set; names both shards and the key."""
 
 
 class EmptyStreamError(ProalignError, RuntimeError):
@@ -84,8 +110,8 @@ class _HashingReader:
             pass
 
 
-def _shard_members(url: str, handler, digest=None) -> Iterator[dict]:
-    """webdataset's tar reading (members grouped into samples by key) over one shard's stream;
+def _shard_members(url: str, handler, keys, digest=None) -> Iterator[dict]:
+    """webdataset's tar reading (members grouped into samples by `keys`) over one shard's stream;
     with `digest`, every byte of the shard goes through it on the way (no second read)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
     try:
@@ -96,7 +122,7 @@ def _shard_members(url: str, handler, digest=None) -> Iterator[dict]:
     source = _HashingReader(stream, digest) if digest is not None else stream
     try:
         yield from group_by_keys(tar_file_expander(iter([{"url": url, "stream": source}]), handler=handler),
-                                 handler=handler)
+                                 keys=keys, handler=handler)
         if digest is not None:
             source.drain()
     finally:
@@ -109,15 +135,24 @@ def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None) -> 
 
     Counted skips: `truncated_shard` (the tar is cut: its samples up to the cut are read, the
     last one, which the cut may have split, is dropped), `unsafe_member_name` (an absolute or
-    `..` member path) and `corrupt_tar` (unreadable tar data)."""
+    `..` member path), `corrupt_tar` (unreadable tar data), `odd_member_name` (a member name
+    with no key and extension to read), `duplicate_member` (a member repeated within its sample)
+    and `duplicate_key` (a sample key seen earlier in the shard: the first sample with it is kept,
+    so its image and its cached captions always agree)."""
     skips = skips if skips is not None else Counter()
     truncated = "://" not in url and not url.startswith("pipe:") and not tar_is_complete(url)
-    pending, count = None, 0
-    for sample in _shard_members(url, _tar_handler(skips), digest):
-        if _unsafe_key(str(sample.get("__key__", ""))):
+    pending, count, seen = None, 0, set()
+    for sample in _shard_members(url, _tar_handler(skips), _member_key(skips, url), digest):
+        key = str(sample.get("__key__", ""))
+        if _unsafe_key(key):
             skips["unsafe_member_name"] += 1
             log.warning("%s: skipping sample with unsafe member name %r", url, sample.get("__key__"))
             continue
+        if key in seen:
+            skips["duplicate_key"] += 1
+            log.warning("%s: skipping a second sample with key %r (the first one is kept)", url, key[:200])
+            continue
+        seen.add(key)
         if pending is not None:
             count += 1
             yield pending
@@ -159,22 +194,28 @@ def read_captions(url: str, languages: Optional[Sequence[str]] = None, skips: Op
 def decode_image(sample: dict) -> Image.Image:
     for ext in IMAGE_EXTS:
         if ext in sample:
-            image = Image.open(io.BytesIO(sample[ext]))
-            image.load()
-            return image.convert("RGB")
+            return open_rgb(sample[ext], f"{sample.get('__url__', 'shard')}: {sample.get('__key__')}.{ext}")
     raise ValueError("no image member")
 
 
 def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Optional[Sequence[str]] = None,
                     max_samples: Optional[int] = None, skips: Optional[Counter] = None,
                     captions: Optional[CaptionSpec] = None):
-    """Eval-time loader: (images tensor, [key], {key: meta}) with all captions kept."""
+    """Eval-time loader: (images tensor, [key], {key: meta}) with all captions kept. Captions are
+    matched to images by sample key across the set, so a key in two shards is refused
+    (`DuplicateKeyError` naming both); a key repeated within a shard is a counted skip."""
     skips = skips if skips is not None else Counter()
     images, keys, metas = [], [], {}
+    first_shard: dict[str, str] = {}
     for url in urls:
         for sample in iter_raw_samples(url, skips):
             if max_samples and len(keys) >= max_samples:
                 break
+            key = sample["__key__"]
+            if key in first_shard:
+                raise DuplicateKeyError(f"sample key {key!r} is in two shards of one eval set ({first_shard[key]} and "
+                                        f"{url}): its captions could not be told apart; give the samples unique keys")
+            first_shard[key] = url
             try:
                 meta = parse_meta(sample, url, captions)
                 image = preprocess(decode_image(sample))

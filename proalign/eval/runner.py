@@ -78,6 +78,8 @@ def run_eval(cfg: RunConfig, progress: bool = True) -> Path:
     from ..models.embedder import TextEmbedder
     from ..models.proclip import ProCLIP
     from .zeroshot import classify_by_language
+    from ..data.images import configure
+    configure(cfg.data.max_image_pixels, cfg.data.max_image_aspect)
     models = dict(cfg.eval.models) or ({"model": cfg.init_from} if cfg.init_from else {})
     if not models:
         raise ValueError("eval: set eval.models (label -> model file) or init_from")

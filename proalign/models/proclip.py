@@ -200,10 +200,10 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         if isinstance(item, torch.Tensor):
             return item
         if isinstance(item, (str, os.PathLike)):
+            from ..data.images import open_rgb
             try:
-                with Image.open(item) as opened:
-                    item = opened.convert("RGB")
-            except (OSError, UnidentifiedImageError) as err:
+                item = open_rgb(item)
+            except (OSError, UnidentifiedImageError, ValueError) as err:
                 raise ProalignError(f"{item}: not a readable image ({err})") from None
         if not isinstance(item, Image.Image):
             raise TypeError(f"encode_image takes PIL images, paths or tensors, got {type(item).__name__}")

@@ -63,7 +63,10 @@ def write_run_config(cfg: RunConfig, stage: Optional[str] = None, resume: bool =
 
 
 def join_run(cfg: RunConfig) -> tuple[int, int]:
-    """Join the run's process group (under torchrun/deepspeed) before a stage builds anything."""
+    """Join the run's process group (under torchrun/deepspeed) before a stage builds anything; the
+    run's image limits take effect."""
+    from ..data.images import configure
+    configure(cfg.data.max_image_pixels, cfg.data.max_image_aspect)
     return join(Runtime.of(cfg))
 
 
