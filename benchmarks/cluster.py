@@ -105,14 +105,17 @@ def read_amplification(work: Path, ranks: int = 8, workers: int = 2, shards: int
     return {"ranks": ranks, "workers": workers, "shards": shards, "ratio": opened / sum(size.values())}
 
 
+# The child's own high-water mark (VmHWM): ru_maxrss would carry over the parent's, which built the
+# large embedder to fill the cache, across fork and exec.
 _CHILD = """
-import resource, sys
+import sys
 sys.argv = ["x"]
 from proalign.config import load_config
 from proalign.stages.{stage} import run_{stage}
 cfg = load_config({config!r}, {overrides!r})
 summary = run_{stage}(cfg, progress=False)
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "BUILT", summary.get("embedder_built"))
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_RSS_KB", hwm, "BUILT", summary.get("embedder_built"))
 """
 
 
@@ -124,18 +127,19 @@ def _child(code: str) -> str:
     return proc.stdout
 
 
-def stage1_rss(work: Path, large_arch: dict, samples: int = 64) -> dict:
-    """Stage 1's peak RSS on a complete cache, with a large and the tiny random embedder."""
+def stage1_rss(work: Path, large_arch: dict, small_arch: dict, samples: int = 64) -> dict:
+    """Stage 1's peak RSS on a complete cache, with a large and a small random embedder of the same
+    width (the adapter's size follows the width, and it trains in both)."""
     from proalign.config import load_config
     from proalign.models.proclip import ProCLIP
     from proalign.stages.cache import build_caches
     import torch
     shard = str(_write(work / "rss-000.tar", _samples(samples)))
     out = {}
-    for name, arch in (("large", large_arch), ("tiny", None)):
+    for name, arch in (("large", large_arch), ("small", small_arch)):
         overrides = [f"output_dir={work / ('rss-' + name)}", f"data.cache_dir={work / ('rss-cache-' + name)}",
                      f"data.train_shards=[{shard}]", "data.eval_shards=[]", "stage1.train.steps=10",
-                     "stage1.train.batch_size=32"] + ([f"embedder.arch={json.dumps(arch)}"] if arch else [])
+                     "stage1.train.batch_size=32", f"embedder.arch={json.dumps(arch)}"]
         cfg = load_config(TINY, overrides)
         torch.manual_seed(0)
         build_caches(cfg, ProCLIP.from_config(cfg), progress=False)  # the complete cache, as `proalign cache` leaves it
@@ -143,8 +147,10 @@ def stage1_rss(work: Path, large_arch: dict, samples: int = 64) -> dict:
                     if x.startswith("PEAK_RSS_KB"))
         out[f"peak_rss_mb_{name}"] = int(line.split()[1]) / 1024
         out[f"embedder_built_{name}"] = line.split()[-1] == "True"
-    params = sum(p.numel() for p in ProCLIP.from_config(load_config(TINY, [f"embedder.arch={json.dumps(large_arch)}"])).embedder.parameters())
-    return {**out, "large_embedder_parameters": params, "ratio": out["peak_rss_mb_large"] / out["peak_rss_mb_tiny"]}
+    params = {name: sum(p.numel() for p in ProCLIP.from_config(load_config(TINY, [f"embedder.arch={json.dumps(arch)}"]))
+                        .embedder.parameters()) for name, arch in (("large", large_arch), ("small", small_arch))}
+    return {**out, "large_embedder_parameters": params["large"], "small_embedder_parameters": params["small"],
+            "ratio": out["peak_rss_mb_large"] / out["peak_rss_mb_small"]}
 
 
 def http_caching(work: Path, rounds: int = 3) -> dict:
@@ -177,8 +183,11 @@ def http_caching(work: Path, rounds: int = 3) -> dict:
 
 BERT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
               "max_position_embeddings": 128}
-SMALL = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256,
-         "max_position_embeddings": 128}
+# The same width as BERT_LARGE with one layer (most of its parameters are the vocabulary's rows).
+ONE_LAYER_1024 = {**BERT_LARGE, "num_hidden_layers": 1, "intermediate_size": 1024}
+SMOKE_LARGE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 256,
+               "max_position_embeddings": 128}
+SMOKE_SMALL = {**SMOKE_LARGE, "num_hidden_layers": 1}
 
 
 def run(smoke: bool = False) -> dict:
@@ -187,7 +196,8 @@ def run(smoke: bool = False) -> dict:
         return {"startup": startup(work, 0.25 if smoke else 5, rounds=1 if smoke else 3),
                 "resume": resume(1, 3, 8, rounds=1) if smoke else resume(10, 300, 64),
                 "read_amplification": read_amplification(work),
-                "stage1_rss": stage1_rss(work, SMALL if smoke else BERT_LARGE, 16 if smoke else 64),
+                "stage1_rss": (stage1_rss(work, SMOKE_LARGE, SMOKE_SMALL, 16) if smoke
+                               else stage1_rss(work, BERT_LARGE, ONE_LAYER_1024, 64)),
                 "http_caching": http_caching(work, rounds=1 if smoke else 3)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -201,7 +211,8 @@ def table_rows(r: dict) -> list[tuple]:
              "<= 1.2x", res["ratio"] <= 1.2),
             (f"read amplification, {amp['ranks']} ranks x {amp['workers']} workers over {amp['shards']} shards",
              f"{amp['ratio']:.2f}", "1.00", abs(amp["ratio"] - 1) < 1e-9),
-            (f"stage-1 peak RSS, complete cache, {rss['large_embedder_parameters'] / 1e6:.0f}M / 2M embedder",
+            (f"stage-1 peak RSS, complete cache, {rss['large_embedder_parameters'] / 1e6:.0f}M / "
+             f"{rss['small_embedder_parameters'] / 1e6:.0f}M embedder of one width",
              f"{rss['ratio']:.2f}x", "<= 1.1x", rss["ratio"] <= 1.1),
             ("caching from local HTTP / local files (captions/s)", f"{web['ratio']:.2f}x", ">= 0.8x", web["ratio"] >= 0.8)]
 
