@@ -117,9 +117,25 @@ def caption_role(caption_id_: str) -> str:
     return tail.rstrip("0123456789") or "short"
 
 
+def usable_text(text) -> bool:
+    """A caption worth encoding: a string a tokenizer can take (valid UTF-8: a lone surrogate from a
+    JSON escape is not) with something left once whitespace and invisible format characters
+    (zero-width spaces, byte-order marks) are removed."""
+    import unicodedata
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text)
+
+
 def caption_items(meta: dict, key: str, languages: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
     """[(caption id, text)] of a sample's metadata (as `CaptionSpec.read` returns it, or a bare
-    {"captions": {...}} mapping), numbered per language and role; empty captions left out."""
+    {"captions": {...}} mapping), numbered per language and role; captions that are not
+    `usable_text` (empty, invisible, or not valid UTF-8) left out (a sample left with none is the
+    caller's counted `no_caption` skip)."""
     out = []
     roles = meta.get("caption_roles") or {}
     for lang, texts in meta["captions"].items():
@@ -129,7 +145,7 @@ def caption_items(meta: dict, key: str, languages: Optional[Sequence[str]] = Non
         lang_roles = roles.get(lang) or ["short"] * len(texts)
         counters: dict[str, int] = {}
         for text, role in zip(texts, lang_roles):
-            if not (isinstance(text, str) and text.strip()):
+            if not usable_text(text):
                 counters[role] = counters.get(role, 0) + 1
                 continue
             index = counters.get(role, 0)

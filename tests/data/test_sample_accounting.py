@@ -69,3 +69,17 @@ def test_member_names_without_a_readable_key_are_counted(write_shard, tmp_path):
     skips = Counter()
     assert [cid for cid, _ in read_captions(str(shard), skips=skips)] == ["ok|en|0"]
     assert skips["odd_member_name"] == 3
+
+
+def test_captions_a_tokenizer_cannot_take_or_that_show_nothing_are_no_caption_skips(write_shard, tmp_path):
+    """A lone surrogate (a JSON escape) used to stop `cache` with a tokenizer traceback; a caption
+    of zero-width spaces was trained on."""
+    from proalign.data.shards import read_captions
+    members = (_sample("ok", RED, "a red square")
+               + [("sur.png", _png(RED)), ("sur.json", b'{"captions": {"en": ["bad \\ud800 text"]}}')]
+               + _sample("zw", RED, "\u200b\u200b\ufeff ") + _sample("mixed", RED, "fine"))
+    members[-1] = ("mixed.json", json.dumps({"captions": {"en": ["\u200b", "kept"]}}).encode())
+    shard = write_shard(tmp_path / "text-000.tar", members)
+    skips = Counter()
+    assert read_captions(str(shard), skips=skips) == [("ok|en|0", "a red square"), ("mixed|en|1", "kept")]
+    assert skips["no_caption"] == 2
