@@ -251,7 +251,8 @@ def hub_folder(repo_id: str, revision: Optional[str] = None, **download_kwargs) 
                                         allow_patterns=HUB_FILES, **download_kwargs))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ProalignError(f"{HF_HUB_PREFIX}{repo_id}: cannot fetch it from the Hugging Face hub or its cache "
+        at = f"@{revision}" if revision else ""
+        raise ProalignError(f"{HF_HUB_PREFIX}{repo_id}{at}: cannot fetch it from the Hugging Face hub or its cache "
                             f"({first})") from None
     if not (folder / HUB_MODEL_FILE).is_file():
         raise ProalignError(f"{HF_HUB_PREFIX}{repo_id}: the repository has no model.safetensors (not a proalign "

@@ -107,6 +107,8 @@ def test_hf_hub_name_loads_from_the_offline_hub_cache(trained, hub_folder, tmp_p
     assert torch.allclose(again.encode_text(trained["names"]), reference, atol=1e-6)
     with pytest.raises(ProalignError, match="hf-hub:someone/not-cached: cannot fetch it"):
         proalign.load("hf-hub:someone/not-cached")
+    with pytest.raises(ProalignError, match="hf-hub:someone/not-cached@v2.1: cannot fetch it"):  # the revision named
+        proalign.load("hf-hub:someone/not-cached@v2.1")
     with pytest.raises(ProalignError, match="expected hf-hub:<org>/<name>"):
         proalign.load("hf-hub:no-org")
 
