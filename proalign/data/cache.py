@@ -128,6 +128,9 @@ class EmbeddingCache:
         expected = meta.get("tensor_sha256")
         if stored is not None and expected is not None and tensor_digest(stored) != expected:
             raise _Unusable(f"corrupted ({path}: its rows do not match the checksum written with them)")
+        if stored is not None and stored.numel() and not torch.isfinite(stored).all():
+            row = int((~torch.isfinite(stored)).reshape(len(stored), -1).any(1).nonzero()[0])
+            raise _Unusable(f"not finite ({path}: row {row} holds NaN or infinite values)")
         return meta, stored
 
     def build(self, shards, encode: Callable[[list[str]], torch.Tensor], languages: Optional[Sequence[str]] = None,
@@ -186,6 +189,10 @@ class EmbeddingCache:
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
             stored = emb.float().to(STORAGE_DTYPES[self.dtype])
+            if stored.numel() and not torch.isfinite(stored).all():
+                row = int((~torch.isfinite(stored)).any(1).nonzero()[0])
+                raise ProalignError(f"{url}: the {self.kind} encoder gave NaN or infinite values for caption "
+                                    f"{ids[row]!r} ({texts[row][:80]!r}); nothing was cached for this shard")
             meta["tensor_sha256"] = tensor_digest(stored)
             save_tensors({"embeddings": stored}, self.sidecar(url),
                          {META_KEY: json.dumps(meta, sort_keys=True, ensure_ascii=False)})

@@ -106,3 +106,30 @@ def test_corrupted_cache_sidecar_is_refused_in_training_and_re_encoded_by_cache(
     assert again["shards_encoded"] == 1 and "shards_reused" not in again
     _, got, _ = cache.shard_rows(str(shard))
     assert torch.equal(got, want)
+
+
+def test_non_finite_rows_are_never_cached_and_a_non_finite_sidecar_is_named(write_shard, tmp_path):
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from proalign.data.cache import EmbeddingCache, StaleCacheError, tensor_digest
+    from proalign.errors import ProalignError
+    members = []
+    for i, text in enumerate(["cat", "dog", "fox"]):
+        members += [(f"s{i}.jpg", _jpeg()), (f"s{i}.json", json.dumps({"captions": {"en": [text]}}).encode())]
+    shard = write_shard(tmp_path / "n-000.tar", members)
+    cache = EmbeddingCache(tmp_path / "cache", "llm", "a" * 16)
+    nan_for_dog = lambda texts: torch.tensor([[float("nan") if t == "dog" else 1.0, 2.0] for t in texts])  # noqa: E731
+    with pytest.raises(ProalignError, match=r"n-000.tar: the llm encoder gave NaN .* caption 's1\|en\|0' \('dog'\)"):
+        cache.build([str(shard)], nan_for_dog, progress=False)
+    assert not cache.sidecar(str(shard)).exists()
+    # a sidecar whose NaN was written with a matching checksum (corrupted at the source)
+    cache.build([str(shard)], lambda texts: torch.ones(len(texts), 2), progress=False)
+    path = cache.sidecar(str(shard))
+    with safe_open(str(path), "pt") as f:
+        meta, rows = f.metadata(), f.get_tensor("embeddings")
+    rows[2, 0] = float("nan")
+    inner = json.loads(meta["proalign_cache"])
+    inner["tensor_sha256"] = tensor_digest(rows)
+    save_file({"embeddings": rows}, str(path), {"proalign_cache": json.dumps(inner, sort_keys=True)})
+    with pytest.raises(StaleCacheError, match=f"not finite \\({path}: row 2 holds NaN"):
+        cache.load([str(shard)])
