@@ -110,6 +110,56 @@ class WriteError(ProalignError):
         super().__init__(f"{path}: cannot write it ({self.reason})")
 
 
+# A safetensors header larger than this is not a model file's (a real one is kilobytes to a few MB).
+MAX_HEADER_BYTES = 100 << 20
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_safetensors_file(path: str | Path) -> dict:
+    """The header of a safetensors file, checked before any tensor is read: its length within the
+    file, valid JSON, every tensor's shape, dtype and byte range consistent and inside the file. A
+    file that fails is a ProalignError naming it (a header length of 2^62 or a 1e12 x 1e12 shape
+    would otherwise reach the reader)."""
+    import json
+    import struct
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if size < 8:
+            raise ProalignError(f"{path}: not a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise ProalignError(f"{path}: its header claims {length:,} bytes, more than the file's {size:,} (or over "
+                                f"{MAX_HEADER_BYTES:,}): not a valid safetensors file")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ProalignError(f"{path}: its header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ProalignError(f"{path}: its header is not a JSON object")
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise ProalignError(f"{path}: its __metadata__ is not a mapping")
+            continue
+        try:
+            count = 1
+            for dim in entry["shape"]:
+                if not isinstance(dim, int) or dim < 0:
+                    raise ValueError(f"dimension {dim!r}")
+                count *= dim
+            start, end = entry["data_offsets"]
+            nbytes = count * _DTYPE_BYTES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProalignError(f"{path}: tensor {name[:80]!r} has a malformed entry ({err})") from None
+        if not (0 <= start <= end <= data) or end - start != nbytes:
+            raise ProalignError(f"{path}: tensor {name[:80]!r} claims shape {entry['shape']} ({nbytes:,} bytes) at "
+                                f"bytes {start}..{end} of {data:,}: not a valid safetensors file")
+    return header
+
+
 def load_module_weights(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True):
     """Load `prefix`-ed entries of a proalign safetensors file into `module`."""
     path = Path(path)

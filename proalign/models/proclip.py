@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from ..config import RunConfig, config_from_dict
 from ..errors import ProalignError
-from ..storage import save_tensors
+from ..storage import check_safetensors_file, save_tensors
 from .adapter import MLPAdapter
 from .embedder import TextEmbedder
 from .towers import context_length, count_truncated, create_clip, encode_clip_text
@@ -77,6 +77,7 @@ def model_config_sections(cfg: RunConfig, file_dir: Path) -> tuple[dict, list[st
 
 def read_model_config(path: Path) -> RunConfig:
     """The config stored in a proalign model file, local paths resolved against the file's folder."""
+    check_safetensors_file(path)
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
     if CONFIG_KEY not in metadata:
@@ -314,6 +315,7 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: proalign model files are .safetensors")
+        check_safetensors_file(path)
         state = load_file(str(path))
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}

@@ -99,3 +99,30 @@ def test_malformed_stored_config_metadata_is_named(trained, tmp_path, config, lo
     save_file(load_file(str(source)), str(target), metadata=metadata)
     with pytest.raises(ProalignError, match=f"{target}: metadata 'proalign_"):
         read_model_config(target)
+
+
+@pytest.mark.parametrize("damage", ["header_length", "huge_shape", "offsets_outside"])
+def test_a_model_file_with_an_impossible_header_is_named_before_anything_is_read(trained, tmp_path, damage):
+    import struct
+    from proalign.errors import ProalignError
+    from proalign.models.proclip import ProCLIP, read_model_config
+    data = (trained["run"] / "stage2.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    if damage == "header_length":
+        data = struct.pack("<Q", 2 ** 62) + data[8:]
+    else:
+        if damage == "huge_shape":
+            header[name]["shape"] = [10 ** 12, 10 ** 12]
+        else:
+            header[name]["data_offsets"] = [0, 10 ** 15]
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        data = struct.pack("<Q", len(raw)) + raw + data[8 + length:]
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(data)
+    with pytest.raises(ProalignError, match=f"{target}: .*not a valid safetensors file"):
+        read_model_config(target)
+    with pytest.raises(ProalignError, match=f"{target}: "):
+        ProCLIP.from_file(target)
