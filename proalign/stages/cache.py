@@ -104,6 +104,28 @@ def build_caches(cfg: RunConfig, model: ProCLIP, teacher: bool = True, progress:
     return stats
 
 
+@contextlib.contextmanager
+def _stop_with_a_message():
+    """SIGTERM or SIGINT during `proalign cache`: stop at once (every sidecar is written whole, so
+    nothing is lost but the shard in progress) and say how to continue."""
+    import signal
+    import threading
+    from ..train import TrainingInterrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TrainingInterrupted(f"cache: stopped by {signal.Signals(signum).name}; every shard finished so far is "
+                                  "cached. Run the same command again to continue from there", signum)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _my_shards(shards, rank: int, world: int) -> list[str]:
     """This rank's share of `shards`, as `EmbeddingCache.build` takes it."""
     from ..data.shards import expand_shards
@@ -163,7 +185,8 @@ def run_cache(cfg: RunConfig, progress: bool = True, verify: bool = False) -> di
     torch.manual_seed(cfg.seed)
     model = ProCLIP.from_config(cfg)
     start = time.perf_counter()
-    stats = build_caches(cfg, model, progress=progress, verify=verify)
+    with _stop_with_a_message():
+        stats = build_caches(cfg, model, progress=progress, verify=verify)
     stats["seconds"] = time.perf_counter() - start  # encoding and the wait for the other ranks
     rank, world = rank_and_world()
     if rank == 0:

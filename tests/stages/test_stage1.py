@@ -139,3 +139,24 @@ def test_resume_applies_a_new_learning_rate_and_refuses_a_new_batch_size(tiny_cf
     rows = [json.loads(line) for line in open(f"{tiny_cfg.output_dir}/metrics.jsonl")]
     lr_at_30 = next(r["lr"] for r in rows if r["stage"] == "stage1" and r["step"] == 30)
     assert lr_at_30 == pytest.approx(0.004 * lr_lambda(tiny_cfg.stage1.train.optim, 30)(30))
+
+
+def test_sigterm_during_cache_stops_with_a_message_and_exit_143(tiny_cfg, tmp_path, monkeypatch):
+    import os
+    import signal
+    from proalign.data import cache as cache_module
+    from proalign.stages.cache import run_cache
+    from proalign.train import TrainingInterrupted
+    tiny_cfg.data.cache_dir = str(tmp_path / "cache")
+    real = cache_module.read_captions
+
+    def terminated_while_reading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice, mid-shard
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cache_module, "read_captions", terminated_while_reading)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="cache: stopped by SIGTERM; every shard finished so far is "
+                                                  "cached. Run the same command again") as stopped:
+        run_cache(tiny_cfg, progress=False)
+    assert stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only
