@@ -113,3 +113,17 @@ def write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> 
         check_target(folder)  # names it
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"{task.name}-rank{rank}.txt", state_fingerprint(task.training_state()) + "\n")
+
+
+def warn_if_batch_exceeds_data(stage: str, unit: str, available: int, batch_size: int, accum_steps: int,
+                               world: int) -> None:
+    """A global batch larger than the data repeats each item within one batch (InfoNCE then sees
+    duplicates as negatives): said once, with the counts."""
+    import logging
+    per_step = batch_size * accum_steps * world
+    if available and per_step > available:
+        logging.getLogger(__name__).warning(
+            "%s: a step takes %d %s (batch_size %d x accum_steps %d x %d rank(s)) from only %d: each appears about "
+            "%.1f times per step; lower %s.train.batch_size or add data", stage, per_step, unit, batch_size,
+            accum_steps, world, available, per_step / available, stage)
+

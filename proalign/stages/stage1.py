@@ -19,7 +19,8 @@ from ..models.proclip import ProCLIP
 from ..models.towers import context_length
 from .cache import build_caches, embedder_built, llm_cache, paired_stream, teacher_cache, training_model
 from ..train import StageTask, seed_everything
-from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage, write_replica_checksum
+from .common import (StreamBatches, append_summary, join_run, stage_metadata, train_stage, warn_if_batch_exceeds_data,
+                     write_replica_checksum)
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,17 @@ def run_stage1(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
                hooks=()) -> dict:
     """Build the caches (every rank its share), distil, report the held-out cosine before/after,
     export the model file."""
-    rank, _ = join_run(cfg)
+    rank, world = join_run(cfg)
     torch.manual_seed(cfg.seed)
     model = model or training_model(cfg)
     build_caches(cfg, model, progress=progress)
     extra = teacher_cache(cfg, model).summary(cfg.data.train_shards, cfg.data.train_languages)
     log.info("stage1: %d training captions; CLIP teacher truncated %d of them at %d tokens",
              extra["captions"], extra.get("truncated", 0), context_length(model.clip))
+    train = cfg.stage1.train
+    warn_if_batch_exceeds_data("stage1", "cached samples" if cfg.stage1.views else "cached captions",
+                               sum(extra["shard_samples"].values()) if cfg.stage1.views else extra["captions"],
+                               train.batch_size, train.accum_steps, world)
     heldout = heldout_pairs(cfg, model) if cfg.data.eval_shards else (lambda: iter(()))
     before, _ = heldout_cosine(model.adapter, heldout())
     seed_everything(cfg.seed)

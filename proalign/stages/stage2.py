@@ -16,9 +16,10 @@ from ..distributed import is_main
 from ..eval.evaluator import Evaluator, image_encoder, llm_text_tower, load_shard_set, mean_recalls
 from ..models.logit_scale import LogitScale
 from ..models.proclip import ProCLIP
-from .cache import build_caches, cached_llm_features, embedder_built, shard_text_features, training_model
+from .cache import build_caches, cached_llm_features, embedder_built, llm_cache, shard_text_features, training_model
 from ..train import StageTask, seed_everything
-from .common import StreamBatches, append_summary, join_run, stage_metadata, train_stage, write_replica_checksum
+from .common import (StreamBatches, append_summary, join_run, stage_metadata, train_stage, warn_if_batch_exceeds_data,
+                     write_replica_checksum)
 
 
 class Stage2Task(StreamBatches, StageTask):
@@ -106,6 +107,9 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     before = heldout() if heldout else {}
     seed_everything(cfg.seed)
     train_text = shard_text_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
+    samples = llm_cache(cfg, model).summary(cfg.data.train_shards, cfg.data.train_languages)["shard_samples"]
+    warn_if_batch_exceeds_data("stage2", "samples", sum(samples.values()), cfg.stage2.train.batch_size,
+                               cfg.stage2.train.accum_steps, world)
     task = Stage2Task(model, cfg.stage2, cfg.data, cfg.seed, train_text)
     task.evaluator = heldout
     last = train_stage(task, cfg, resume, progress, hooks)

@@ -160,3 +160,15 @@ def test_sigterm_during_cache_stops_with_a_message_and_exit_143(tiny_cfg, tmp_pa
         run_cache(tiny_cfg, progress=False)
     assert stopped.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only
+
+
+def test_a_batch_larger_than_the_data_is_said_with_the_counts(tiny_cfg, caplog):
+    import logging
+    from proalign.stages.stage1 import run_stage1
+    tiny_cfg.stage1.train.steps, tiny_cfg.stage1.train.batch_size = 1, 4096
+    with caplog.at_level(logging.WARNING):
+        summary = run_stage1(tiny_cfg, progress=False)
+    captions = summary["train_captions"]
+    assert captions < 4096
+    assert (f"stage1: a step takes 4096 cached captions (batch_size 4096 x accum_steps 1 x 1 rank(s)) from only "
+            f"{captions}: each appears about {4096 / captions:.1f} times per step") in caplog.text
