@@ -85,6 +85,11 @@ class _Run:
     start_step: int = 0
     nonfinite_total: int = 0
     nonfinite_run: int = 0
+    received: Optional[list] = None  # stop signals received (see _stop_signals)
+
+
+class _StopMidStep(Exception):
+    """A stop asked for between the micro-batches of one step: the step is abandoned."""
 
 
 def _resume(run: _Run) -> None:
@@ -151,6 +156,7 @@ def _loop(run: _Run, progress: bool) -> dict:
                disable=not (progress and is_main), unit="step")
     run.backend.model.train()
     with _stop_signals() as received:
+        run.received = received
         return _steps(run, bar, metrics_log, received)
 
 
@@ -159,18 +165,25 @@ def _steps(run: _Run, bar, metrics_log: MetricsLog, received: list[int]) -> dict
     last: dict = {}
     last_saved = run.start_step
     for step in bar:
-        # checked before every step, on every rank alike (a skipped non-finite step included)
-        signum = _stop_requested(received)
+        # checked before every step, on every rank alike (a skipped non-finite step included), and
+        # between the micro-batches of an accumulated step
+        signum, mid_step, result = _stop_requested(received), False, None
+        if not signum:
+            try:
+                result = _forward_backward(run, step)
+            except _StopMidStep:  # its batches are drawn: the data position is past them, so no new checkpoint
+                signum, mid_step = _stop_requested(received), True
         if signum:
-            if step > last_saved:
+            if step > last_saved and not mid_step:
                 _save(run, step)
             metrics_log.close()
             bar.close()
-            where = (f"checkpoint {run.ckpt.root / f'step-{step:07d}'}. Resume: the same command with --resume"
-                     if step else "nothing to resume from yet")
-            raise TrainingInterrupted(f"{task.name}: stopped by {signal.Signals(signum).name} after step {step}; "
+            saved = last_saved if mid_step else step
+            where = (f"checkpoint {run.ckpt.root / f'step-{saved:07d}'}. Resume: the same command with --resume"
+                     if saved else "nothing to resume from yet")
+            during = f"during step {step + 1}, after step {step}" if mid_step else f"after step {step}"
+            raise TrainingInterrupted(f"{task.name}: stopped by {signal.Signals(signum).name} {during}; "
                                       f"{where}", signum)
-        result = _forward_backward(run, step)
         if result is None:  # non-finite loss: skipped and counted
             continue
         loss, metrics = result
@@ -233,6 +246,8 @@ def _forward_backward(run: _Run, step: int):
             cached = [task.features(batch) for batch in batches]
     backend.zero_grad()
     for index, batch in enumerate(batches):
+        if index and run.received is not None and _stop_requested(run.received):
+            raise _StopMidStep  # every rank asks at the same micro-batch: they agree
         with backend.micro_batch(last=index == k - 1):
             with backend.autocast():
                 loss, metrics = backend.model(batch, (cached, index)) if cached else backend.model(batch)
