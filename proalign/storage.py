@@ -20,12 +20,18 @@ class UnsafeTargetError(ProalignError):
 def check_target(path: str | Path) -> Path:
     """`path` is free, or a regular file proalign may replace or append to; a symbolic link (planted
     or not) or anything else there is an error naming it."""
+    path = check_folder(path)  # the same rule for a file: never a link
+    if path.exists() and not path.is_file():
+        raise UnsafeTargetError(f"{path}: exists and is not a regular file; proalign writes a file there: remove it")
+    return path
+
+
+def check_folder(path: str | Path) -> Path:
+    """`path`, a folder proalign writes into, is not a symbolic link (an error naming it)."""
     path = Path(path)
     if path.is_symlink():
         raise UnsafeTargetError(f"{path}: is a symbolic link (to {os.readlink(path)}); proalign never writes "
                                 "through links in a run folder: remove it")
-    if path.exists() and not path.is_file():
-        raise UnsafeTargetError(f"{path}: exists and is not a regular file; proalign writes a file there: remove it")
     return path
 
 

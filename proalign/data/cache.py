@@ -53,6 +53,13 @@ def read_sidecar_meta(handle) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def _first_non_finite_row(rows: torch.Tensor) -> Optional[int]:
+    """The index of the first row holding a NaN or an infinity, or None."""
+    if not rows.numel() or torch.isfinite(rows).all():
+        return None
+    return int((~torch.isfinite(rows)).reshape(len(rows), -1).any(1).nonzero()[0])
+
+
 class StaleCacheError(ProalignError, RuntimeError):
     pass
 
@@ -128,8 +135,8 @@ class EmbeddingCache:
         expected = meta.get("tensor_sha256")
         if stored is not None and expected is not None and tensor_digest(stored) != expected:
             raise _Unusable(f"corrupted ({path}: its rows do not match the checksum written with them)")
-        if stored is not None and stored.numel() and not torch.isfinite(stored).all():
-            row = int((~torch.isfinite(stored)).reshape(len(stored), -1).any(1).nonzero()[0])
+        row = _first_non_finite_row(stored) if stored is not None else None
+        if row is not None:
             raise _Unusable(f"not finite ({path}: row {row} holds NaN or infinite values)")
         return meta, stored
 
@@ -189,8 +196,8 @@ class EmbeddingCache:
             if extra:
                 meta.update({k: json.dumps(v) for k, v in extra(texts).items()})
             stored = emb.float().to(STORAGE_DTYPES[self.dtype])
-            if stored.numel() and not torch.isfinite(stored).all():
-                row = int((~torch.isfinite(stored)).any(1).nonzero()[0])
+            row = _first_non_finite_row(stored)
+            if row is not None:
                 raise ProalignError(f"{url}: the {self.kind} encoder gave NaN or infinite values for caption "
                                     f"{ids[row]!r} ({texts[row][:80]!r}); nothing was cached for this shard")
             meta["tensor_sha256"] = tensor_digest(stored)

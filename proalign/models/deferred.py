@@ -85,11 +85,9 @@ class DeferredEmbedder(nn.Module):
     def materialize(self, why: str = "") -> nn.Module:
         real = self._modules.get("real")
         if real is None:
-            import torch
             from .embedder import TextEmbedder
             log.info("building the embedder%s", f": {why}" if why else "")
-            with torch.random.fork_rng():  # as in ProCLIP.from_config: the run's RNG stream is unchanged
-                real = TextEmbedder.from_config(self.cfg)
+            real = TextEmbedder.from_config(self.cfg)  # on an RNG of its own: the run's stream is unchanged
             if real.fingerprint() != self.record["fingerprint"]:
                 log.warning("the embedder built now differs from the one its cache record names "
                             "(fingerprint %s, record %s)", real.fingerprint(), self.record["fingerprint"])

