@@ -148,6 +148,11 @@ class DataConfig:
     llm_cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Rows held in stage 1's shuffle buffer (cached captions, read one shard at a time).
     shuffle_buffer: int = 10000
+    # Resampled epochs: each reader draws shards with replacement (in proportion to their source's
+    # `weight` in train_shards) until it has read its share of samples_per_epoch. Without it, each
+    # epoch reads every shard once and weights must be 1.
+    resampled: bool = False
+    samples_per_epoch: Optional[int] = None
     # Where a sample's captions come from (proalign/data/captions.py): [{field, language, role}],
     # field `txt` or a JSON field; empty: proalign's `captions` mapping, else img2dataset's .txt,
     # else the JSON `caption`.
@@ -479,6 +484,7 @@ def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
     need(cfg.data.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
     need(cfg.data.max_image_aspect >= 1, "data.max_image_aspect", "must be >= 1")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _check_sources(need, cfg.data)
     from .data.captions import ROLES
     bad_views = [v for v in cfg.stage1.views if v not in ROLES]
     need(not bad_views, "stage1.views", f"roles are {list(ROLES)}, got {bad_views[:1]}")
@@ -537,6 +543,22 @@ def _format_options(ds: EvalDatasetConfig, where: str):
     if not isinstance(ds.options, dict):
         raise ConfigError(f"{where}.options: expected a mapping, got {ds.options!r}")
     return _build(entry.options, ds.options, f"{where}.options")
+
+
+def _check_sources(need, data: "DataConfig") -> None:
+    """Source weights and resampled epochs agree (open_clip's rule: upsampling needs resampling)."""
+    from .data.patterns import ShardPatternError, sources
+    try:
+        weights = [weight for _, weight in sources(data.train_shards)] if data.train_shards else []
+    except ShardPatternError as err:
+        need(False, "data.train_shards", str(err).split(": ", 1)[-1])
+        return
+    need(data.resampled or all(w == 1 for w in weights), "data.train_shards",
+         "source weights other than 1 need data.resampled: true (an epoch without resampling reads every shard once)")
+    need(not data.resampled or (isinstance(data.samples_per_epoch, int) and data.samples_per_epoch > 0),
+         "data.samples_per_epoch", "data.resampled needs the samples of one epoch (a positive number)")
+    need(data.resampled or data.samples_per_epoch is None, "data.samples_per_epoch",
+         "only resampled epochs have a size of their own (set data.resampled: true, or remove it)")
 
 
 def _check_shards(where: str, patterns) -> None:

@@ -16,22 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
-from torch.utils.data import IterableDataset
 
 from ..errors import ProalignError
 from ..storage import save_tensors
 from .captions import CaptionSpec, caption_role
 from . import locations
-from .shards import epoch_shards, expand_shards, read_captions, reader_partition, shuffle_buffered
+from .patterns import shard_weights
+from .shards import expand_shards, read_captions
+from .stream import Part, PartStream
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "4"
+CACHE_VERSION = "5"
 # All of a sidecar's metadata sits under this one key, as sorted JSON: safetensors stores its
 # metadata in a hash map, whose order (and so the file's bytes) would differ between processes.
 META_KEY = "proalign_cache"
@@ -67,7 +69,7 @@ class StaleCacheError(ProalignError, RuntimeError):
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # metadata keys every sidecar has; any other key is an extra summed by `load` (the teacher's truncations)
 _BASE_KEYS = ("version", "fingerprint", "shard", "shard_identity", "shard_sha256", "samples", "skips", "languages",
-              "ids", "dtype", "tensor_sha256", "captions")
+              "ids", "dtype", "tensor_sha256", "captions", "spans")
 
 
 class _Unusable(Exception):
@@ -169,7 +171,10 @@ class EmbeddingCache:
             skips: Counter = Counter()
             shard_identity = locations.identity(url)  # before the read: a change during it is seen next time
             digest = hashlib.sha256()  # of the shard's bytes as they are read: no second read
-            items = read_captions(url, languages, skips, self.captions, digest)
+            spans: list = []
+            size = shard_identity.get("size") if locations.kind(url) != "file" else None
+            items = read_captions(url, languages, skips, self.captions, digest, spans,
+                                  int(size) if size is not None else None)
             stats.update(skips)
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
@@ -190,7 +195,7 @@ class EmbeddingCache:
                     "shard_identity": shard_identity, "shard_sha256": digest.hexdigest(),
                     "samples": str(samples), "skips": json.dumps(dict(skips)), "dtype": self.dtype,
                     "languages": json.dumps(sorted(languages) if languages else None),
-                    "ids": json.dumps(ids, ensure_ascii=False)}
+                    "ids": json.dumps(ids, ensure_ascii=False), "spans": json.dumps(spans, ensure_ascii=False)}
             if self.captions.fields:
                 meta["captions"] = self.captions.key
             if extra:
@@ -239,6 +244,13 @@ class EmbeddingCache:
             ids = [ids[i] for i in keep]
             emb = emb[keep] if len(keep) else emb[:0]
         return ids, emb, meta
+
+    def sample_spans(self, url: str) -> Optional[list]:
+        """The shard's index from its sidecar: [key, first byte, end] of each sample, in file order
+        (None when the sidecar has none). The sidecar is checked by the caller."""
+        with safe_open(str(self.sidecar(url)), framework="pt") as f:
+            spans = read_sidecar_meta(f).get("spans")
+        return json.loads(spans) if spans else None
 
     def rows_by_sample(self, url: str, languages: Optional[Sequence[str]] = None) -> dict[str, dict]:
         """{sample key: {caption id: row}} of one shard (the image-text stream reads training
@@ -337,53 +349,54 @@ class _Tally:
         return {**self.extras, "shard_samples": self.shard_samples, "skips": dict(self.skips)}
 
 
-class PairedFeatureStream(IterableDataset):
+class PairedFeatureStream(PartStream):
     """Endless, epoch-wise shuffled stream of {"llm": row, "teacher": row} over cached captions,
-    read one shard's sidecars at a time (stage 1): never every caption in memory.
-
-    Same partition as the image-text stream (`epoch_shards`): shards shuffled per epoch, split
-    across ranks and DataLoader workers (or rows round-robin when there are fewer shards than
-    readers), rows shuffled within their shard and through a buffer of `shuffle_buffer` rows."""
+    read one shard's sidecars at a time (stage 1): never every caption in memory. Partitioned,
+    shuffled and resumable as every training stream (proalign/data/stream.py); an item is a
+    cached caption, and a shard's rows are its index, so a shard with several readers is split
+    by rows."""
 
     def __init__(self, shards, llm: "EmbeddingCache", teacher: "EmbeddingCache", languages: Sequence[str],
-                 seed: int = 0, shuffle_buffer: int = 10_000):
-        super().__init__()
-        self.urls = expand_shards(shards)
+                 seed: int = 0, shuffle_buffer: int = 10_000, resampled: bool = False,
+                 samples_per_epoch: Optional[int] = None):
+        super().__init__(expand_shards(shards), seed, shuffle_buffer, resampled=resampled,
+                         samples_per_epoch=samples_per_epoch, weights=shard_weights(shards))
         self.llm, self.teacher, self.languages = llm, teacher, list(languages)
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self._memo: dict = {}
         for cache in (llm, teacher):
             cache.verify(self.urls, self.languages)
 
-    def _epoch(self, epoch: int) -> Iterator[dict]:
-        index, count = reader_partition()
-        mine, by_shard, rng = epoch_shards(self.urls, self.seed, epoch, index, count)
-        items = (item for url in mine for item in self._shard_items(url, by_shard, index, count, rng))
-        yield from shuffle_buffered(items, rng, self.shuffle_buffer)
+    def _items(self, url: str) -> list:
+        """The shard's items, read from its sidecars (the last two shards are kept)."""
+        if url not in self._memo:
+            if len(self._memo) >= 2:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[url] = self._load(url)
+        return self._memo[url]
 
-    def _shard_items(self, url: str, by_shard: bool, index: int, count: int, rng) -> Iterator[dict]:
-        """This reader's part of one shard, shuffled: a row per caption."""
+    def _load(self, url: str) -> list:
         llm, teacher = paired_rows(self.llm, self.teacher, url, self.languages, checked=True)
-        rows = list(range(len(llm))) if by_shard else list(range(index, len(llm), count))
-        rng.shuffle(rows)
-        for row in rows:
-            # copies: a view would keep the whole shard's matrix alive while it waits in the buffer
-            yield {"llm": llm[row].clone(), "teacher": teacher[row].clone()}
+        return list(zip(llm.unbind(), teacher.unbind()))
 
-    def __iter__(self):
-        epoch = 0
-        while True:
-            empty, skipped = True, Counter()
-            for item in self._epoch(epoch):
-                if "skip" in item:
-                    skipped[item["skip"]] += 1
-                else:
-                    empty = False
-                yield item
-            if empty:
-                raise StaleCacheError(f"no cached caption in {len(self.urls)} shard(s) "
-                                      f"({', '.join(self.urls[:3])}) for languages {self.languages}"
-                                      + (f"; skipped: {dict(skipped)}" if skipped else ""))
-            epoch += 1
+    def index_size(self, url: str) -> int:
+        return len(self._items(url))
+
+    def read(self, part: Part, epoch: int, start: int, skips: Counter):
+        """The part's items in an order shuffled with seed (seed, epoch, shard, first item)."""
+        items = self._items(part.url)
+        numbers = list(range(part.first, len(items) if part.last is None else part.last))
+        random.Random(f"{self.seed}-{epoch}-{part.url}-{part.first}").shuffle(numbers)
+        for number in range(start, len(numbers)):
+            yield number, items[numbers[number]]
+
+    def decode(self, raw, rng) -> dict:
+        llm, teacher = raw
+        # copies: a view would keep the whole shard's matrix alive while it waits in the buffer
+        return {"llm": llm.clone(), "teacher": teacher.clone()}
+
+    def empty_error(self, reader: int, readers: int, skipped: Counter) -> Exception:
+        return StaleCacheError(f"no cached caption in {len(self.urls)} shard(s) ({', '.join(self.urls[:3])}) for "
+                               f"languages {self.languages}" + (f"; skipped: {dict(skipped)}" if skipped else ""))
 
 
 class ViewFeatureStream(PairedFeatureStream):
@@ -393,11 +406,17 @@ class ViewFeatureStream(PairedFeatureStream):
     (`no_<role>_caption`). Partitioned and shuffled like `PairedFeatureStream`, by sample."""
 
     def __init__(self, shards, llm: "EmbeddingCache", teacher: "EmbeddingCache", languages: Sequence[str],
-                 views: Sequence[str], seed: int = 0, shuffle_buffer: int = 10_000):
-        super().__init__(shards, llm, teacher, languages, seed, shuffle_buffer)
+                 views: Sequence[str], seed: int = 0, shuffle_buffer: int = 10_000, resampled: bool = False,
+                 samples_per_epoch: Optional[int] = None):
+        super().__init__(shards, llm, teacher, languages, seed, shuffle_buffer, resampled, samples_per_epoch)
         self.views = list(views)
 
-    def _sample(self, key: str, llm: dict, teacher: dict, rng) -> dict:
+    def _load(self, url: str) -> list:
+        llm, teacher = self.llm.rows_by_sample(url, self.languages), self.teacher.rows_by_sample(url, self.languages)
+        return [(llm[key], teacher[key]) for key in sorted(llm)]
+
+    def decode(self, raw, rng) -> dict:
+        llm, teacher = raw
         picked = []
         for role in self.views:
             ids = sorted(cid for cid in llm if caption_role(cid) == role)
@@ -405,15 +424,6 @@ class ViewFeatureStream(PairedFeatureStream):
                 return {"skip": f"no_{role}_caption"}
             picked.append(ids[rng.randrange(len(ids))])
         return {"llm": torch.stack([llm[cid] for cid in picked]), "teacher": torch.stack([teacher[cid] for cid in picked])}
-
-    def _shard_items(self, url: str, by_shard: bool, index: int, count: int, rng) -> Iterator[dict]:
-        """This reader's part of one shard, shuffled: an item per sample, its views stacked."""
-        llm, teacher = self.llm.rows_by_sample(url, self.languages), self.teacher.rows_by_sample(url, self.languages)
-        keys = sorted(llm)
-        keys = keys if by_shard else keys[index::count]
-        rng.shuffle(keys)
-        for key in keys:
-            yield self._sample(key, llm[key], teacher[key], rng)
 
 
 class CachedTextFeatures:

@@ -121,6 +121,44 @@ def open_stream(url: str):
     return gopen(url, "rb")
 
 
+def seekable(url: str) -> bool:
+    """Whether a byte range of the shard can be read without reading what comes before it."""
+    return kind(url) != "pipe"
+
+
+def open_range(url: str, start: int, end: int):
+    """A binary stream of bytes [start, end) of the shard: a seek locally and in object stores, an
+    HTTP Range request (a server that ignores ranges is read from the start, the first `start`
+    bytes dropped). `pipe:` commands have no ranges (see `seekable`)."""
+    where = kind(url)
+    if where == "pipe":
+        raise ShardLocationError(f"{url}: a pipe: command cannot be read from byte {start}")
+    if where == "http":
+        import urllib.error
+        import urllib.request
+        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{end - 1}"})
+        try:
+            response = urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S)
+        except urllib.error.HTTPError as err:
+            raise ShardLocationError(f"{url}: the server answered {err.code} {err.reason}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise ShardLocationError(f"{url}: cannot reach it ({getattr(err, 'reason', err)})") from None
+        if response.status != 206:  # the whole file: drop what comes before the range
+            _discard(response, start)
+        return response
+    stream = open(canonical(url), "rb") if where == "file" else open_stream(url)
+    stream.seek(start)
+    return stream
+
+
+def _discard(stream, count: int) -> None:
+    while count > 0:
+        block = stream.read(min(count, 1 << 20))
+        if not block:
+            return
+        count -= len(block)
+
+
 def content_digest(url: str) -> str:
     """SHA-256 of the shard's bytes: a full read, done only when asked (`proalign cache --verify`)."""
     digest = hashlib.sha256()

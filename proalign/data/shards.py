@@ -12,25 +12,25 @@ import json
 import logging
 import os
 import random
-from collections import Counter
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+import re
+import tarfile
+from collections import Counter, deque
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
 
-from ..distributed import rank_and_world
 from ..errors import ProalignError
 from .captions import CaptionSpec, caption_items
 from .images import open_rgb
-from .locations import open_stream, register_fsspec_readers
-from .patterns import expand_shards  # noqa: F401  (re-exported: the readers' home for shard lists)
+from .locations import identity, kind, open_range, open_stream, register_fsspec_readers, seekable
+from .patterns import expand_shards, shard_weights
+from .stream import MAX_EMPTY_EPOCHS, Batcher, Part, PartStream, collate  # noqa: F401  (Batcher, collate: re-exported)
 
 log = logging.getLogger(__name__)
 register_fsspec_readers()
-# An endless stream stops after this many passes in a row without one usable sample (zero-byte
-# shards, every image corrupt) instead of spinning forever.
-MAX_EMPTY_PASSES = 2
+# Members webdataset leaves out of samples (`__key__`-style metadata files).
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
 AUTO_CAPTIONS = CaptionSpec()
 # Image members of a shard sample, and image files in a folder, in order of preference.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -51,17 +51,14 @@ def _tar_handler(counter: Counter):
 
 def _member_key(skips: Counter, url: str):
     """webdataset's split of a member name into (sample key, extension), counting the names it
-    cannot split (`..x`: dropped by webdataset without a word) or splits oddly (`k..dots.png`: an
-    extension starting with a dot), which are skipped under `odd_member_name`."""
-    from webdataset.tariterators import base_plus_ext
-
+    cannot split (`..x`: dropped by webdataset without a word) or splits oddly (`k..dots.png`),
+    which are skipped under `odd_member_name`."""
     def split(name: str):
-        key, ext = base_plus_ext(name)
-        if key is None or not ext or ext.startswith(".") or key.rsplit("/", 1)[-1] == "":
+        key, ext = _split_member_name(name)
+        if key is None:
             skips["odd_member_name"] += 1
             log.warning("%s: skipping member %r: no sample key and extension can be read from its name", url,
                         name[:200])
-            return None, None
         return key, ext
     return split
 
@@ -93,56 +90,137 @@ def _unsafe_key(key: str) -> bool:
     return path.startswith("/") or drive or ".." in path.split("/")
 
 
-class _HashingReader:
-    """A binary stream that feeds every byte read through it to `digest`."""
+class _ShardReader:
+    """A binary stream of a shard, or of `limit` bytes of it, that counts the bytes read and feeds
+    them to `digest` (a hashlib object) on the way."""
 
-    def __init__(self, stream, digest):
-        self.stream, self.digest = stream, digest
+    def __init__(self, stream, digest=None, limit: Optional[int] = None):
+        self.stream, self.digest, self.limit = stream, digest, limit
+        self.count = 0
 
     def read(self, size: int = -1) -> bytes:
+        if self.limit is not None:
+            left = self.limit - self.count
+            if left <= 0:
+                return b""
+            size = left if size is None or size < 0 else min(size, left)
         data = self.stream.read(size)
-        self.digest.update(data)
+        self.count += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
         return data
 
     def drain(self) -> None:
-        """Read what the tar reader left (its end-of-archive blocks), so the digest covers the file."""
-        for block in iter(lambda: self.read(1 << 20), b""):
+        """Read what the tar reader left (its end-of-archive blocks), so the count and the digest
+        cover the whole file."""
+        for _ in iter(lambda: self.read(1 << 20), b""):
             pass
 
 
-def _shard_members(url: str, handler, keys, digest=None) -> Iterator[dict]:
-    """webdataset's tar reading (members grouped into samples by `keys`) over one shard's stream;
-    with `digest`, every byte of the shard goes through it on the way (no second read)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+def _split_member_name(name: str):
+    """webdataset's (sample key, extension) of a member name, or (None, None) for names it cannot
+    split (`..x`) or splits oddly (`k..dots.png`: an extension starting with a dot)."""
+    from webdataset.tariterators import base_plus_ext
+    key, ext = base_plus_ext(name)
+    if key is None or not ext or ext.startswith(".") or key.rsplit("/", 1)[-1] == "":
+        return None, None
+    return key, ext
+
+
+def _tar_members(source, url: str, handler, base: int, trail: deque) -> Iterator[dict]:
+    """The regular-file members of a tar stream as webdataset's member dicts (for its
+    `group_by_keys`); each member's (name, first byte, end) in the shard goes to `trail`.
+    webdataset's `tar_file_iterator` reads the same members but keeps no offsets, which reading a
+    part of a shard needs. `base`: where in the shard the stream starts."""
     try:
-        stream = open_stream(url)
+        tar = tarfile.open(fileobj=source, mode="r|*")
+        for info in tar:
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            data = tar.extractfile(info).read()
+            trail.append((info.name, base + info.offset, base + info.offset_data + -(-info.size // 512) * 512))
+            yield {"fname": info.name, "data": data, "__url__": url}
+            tar.members = []  # a stream's members are not kept: memory stays flat over a shard
+    except Exception as exn:  # unreadable tar data, a cut stream: the handler counts it
+        handler(exn)
+
+
+def _sample_span(trail: deque, key: str) -> tuple[int, int]:
+    """The byte range of sample `key`'s members, taken off the front of `trail` (members before
+    them belong to samples left out; unsplittable names inside a sample stay in its range)."""
+    start = end = None
+    while trail:
+        name, first, last = trail[0]
+        member_key = _split_member_name(name)[0]
+        if member_key == key or (member_key is None and start is not None):
+            start = first if start is None else start
+            end = last
+        elif start is not None:
+            break
+        trail.popleft()
+    return (start or 0), (end or 0)
+
+
+def _shard_members(url: str, handler, keys, digest=None, span: Optional[tuple[int, int]] = None,
+                   expected: Optional[int] = None, outcome: Optional[dict] = None) -> Iterator[dict]:
+    """Samples of one shard (or of bytes [start, end) of it, `span`), members grouped by `keys`
+    (webdataset's `group_by_keys`), each with its byte range as `__span__`. `digest` gets every
+    byte read. `outcome["cut"]` is set when fewer bytes came than `expected` (or the span's length):
+    a download or a range read that ended early."""
+    from webdataset.tariterators import group_by_keys
+    outcome = outcome if outcome is not None else {}
+    try:
+        stream = open_stream(url) if span is None else open_range(url, *span)
     except Exception as exn:  # an unreachable URL, a failing pipe: the handler counts it
         handler(exn)
         return
-    source = _HashingReader(stream, digest) if digest is not None else stream
+    limit = None if span is None else span[1] - span[0]
+    source = _ShardReader(stream, digest, limit)
+    trail: deque = deque()
     try:
-        yield from group_by_keys(tar_file_expander(iter([{"url": url, "stream": source}]), handler=handler),
-                                 keys=keys, handler=handler)
-        if digest is not None:
-            source.drain()
+        members = _tar_members(source, url, handler, span[0] if span else 0, trail)
+        for sample in group_by_keys(members, keys=keys, handler=handler):
+            sample["__span__"] = _sample_span(trail, str(sample.get("__key__", "")))
+            yield sample
+        source.drain()
+        want = limit if limit is not None else expected
+        outcome["cut"] = want is not None and source.count < want
     finally:
         stream.close()
 
 
-def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None) -> Iterator[dict]:
-    """Raw samples (key -> bytes) of one shard, in file order (`digest`, a hashlib object, gets
-    every byte of the shard as it is read).
+def _remote_size(url: str) -> Optional[int]:
+    """The byte count a server or object store reports for a shard (None: none, or a local file)."""
+    if kind(url) in ("file", "pipe"):
+        return None
+    try:
+        size = identity(url).get("size")
+        return int(size) if size is not None else None
+    except (ProalignError, ValueError):
+        return None
 
-    Counted skips: `truncated_shard` (the tar is cut: its samples up to the cut are read, the
-    last one, which the cut may have split, is dropped), `unsafe_member_name` (an absolute or
-    `..` member path), `corrupt_tar` (unreadable tar data), `odd_member_name` (a member name
-    with no key and extension to read), `duplicate_member` (a member repeated within its sample)
-    and `duplicate_key` (a sample key seen earlier in the shard: the first sample with it is kept,
-    so its image and its cached captions always agree)."""
+
+def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None,
+                     span: Optional[tuple[int, int]] = None, expected_size: Optional[int] = None) -> Iterator[dict]:
+    """Raw samples (key -> bytes) of one shard, or of the byte range `span` of it, in file order,
+    each with its byte range as `__span__` (`digest`, a hashlib object, gets every byte read).
+
+    Counted skips: `truncated_shard` (the tar is cut, or a download or range read ended early:
+    its samples up to the cut are read, the last one, which the cut may have split, is dropped),
+    `unsafe_member_name` (an absolute or `..` member path), `corrupt_tar` (unreadable tar data),
+    `odd_member_name` (a member name with no key and extension to read), `duplicate_member` (a
+    member repeated within its sample) and `duplicate_key` (a sample key seen earlier in the
+    shard: the first sample with it is kept, so its image and its cached captions always agree).
+    A remote shard read whole is checked against the size its server reports (`expected_size`
+    when the caller has it)."""
     skips = skips if skips is not None else Counter()
-    truncated = "://" not in url and not url.startswith("pipe:") and not tar_is_complete(url)
+    local_cut = span is None and kind(url) == "file" and not tar_is_complete(url)
+    if span is None and expected_size is None:
+        expected_size = _remote_size(url)
+    outcome: dict = {}
     pending, count, seen = None, 0, set()
-    for sample in _shard_members(url, _tar_handler(skips), _member_key(skips, url), digest):
+    for sample in _shard_members(url, _tar_handler(skips), _member_key(skips, url), digest, span, expected_size,
+                                 outcome):
         key = str(sample.get("__key__", ""))
         if _unsafe_key(key):
             skips["unsafe_member_name"] += 1
@@ -157,13 +235,16 @@ def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None) -> 
             count += 1
             yield pending
         pending = sample
-    if pending is not None and not truncated:
+    cut = local_cut or outcome.get("cut", False)
+    if pending is not None and not cut:
         count += 1
         yield pending
-    if truncated and os.path.getsize(url) > 0:
+    if cut and (span is not None or kind(url) != "file" or os.path.getsize(url) > 0):
         skips["truncated_shard"] += 1
-        log.warning("%s: truncated tar (no end-of-archive marker): read %d samples up to the cut%s", url, count,
-                    ", dropped the last one, which the cut may have split" if pending is not None else "")
+        where = f"{url} bytes {span[0]}-{span[1]}" if span else url
+        log.warning("%s: truncated tar (%s): read %d samples up to the cut%s", where,
+                    "no end-of-archive marker" if local_cut else "fewer bytes came than expected",
+                    count, ", dropped the last one, which the cut may have split" if pending is not None else "")
 
 
 def parse_meta(sample: dict, where: str, captions: Optional[CaptionSpec] = None) -> dict:
@@ -173,11 +254,15 @@ def parse_meta(sample: dict, where: str, captions: Optional[CaptionSpec] = None)
 
 
 def read_captions(url: str, languages: Optional[Sequence[str]] = None, skips: Optional[Counter] = None,
-                  captions: Optional[CaptionSpec] = None, digest=None):
-    """[(caption_id, text)] of one shard; malformed records are skipped and counted."""
+                  captions: Optional[CaptionSpec] = None, digest=None, spans: Optional[list] = None,
+                  expected_size: Optional[int] = None):
+    """[(caption_id, text)] of one shard; malformed records are skipped and counted. `spans` (a
+    list) gets each sample's [key, first byte, end]: the shard's index."""
     skips = skips if skips is not None else Counter()
     items = []
-    for sample in iter_raw_samples(url, skips, digest):
+    for sample in iter_raw_samples(url, skips, digest, expected_size=expected_size):
+        if spans is not None:
+            spans.append([sample["__key__"], *sample["__span__"]])
         try:
             meta = parse_meta(sample, url, captions)
         except (ValueError, json.JSONDecodeError) as err:
@@ -229,95 +314,100 @@ def load_image_text(urls: Sequence[str], preprocess: Callable, languages: Option
     return (torch.stack(images) if images else torch.empty(0)), keys, metas
 
 
-def reader_partition() -> tuple[int, int]:
-    """(this reader's index, reader count): rank r of W and DataLoader worker k of K."""
-    rank, world = rank_and_world()
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return rank * workers + worker, world * workers
-
-
-def epoch_shards(urls: Sequence[str], seed: int, epoch: int, index: int, count: int):
-    """(this reader's shards in epoch order, whether they are split by shard, the reader's RNG).
-
-    Epoch e shuffles the shards with seed (seed, e). With at least as many shards as readers each
-    reader takes every count-th shard; otherwise every reader reads all shards and keeps every
-    count-th sample (the caller's job), so the readers' parts stay disjoint either way."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    urls = list(urls)
-    rng.shuffle(urls)
-    by_shard = len(urls) >= count
-    mine = urls[index::count] if by_shard else urls
-    return mine, by_shard, random.Random(rng.random() + index)
-
-
-def shuffle_buffered(items: Iterable, rng: random.Random, size: int) -> Iterator:
-    """`items` through a shuffle buffer of `size` (once full, a random one leaves for each one that
-    enters), then what is left, shuffled: a stream's order within an epoch, from `rng` alone."""
-    buffer: list = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-class ImageTextStream(IterableDataset):
-    """Endless, epoch-wise deterministic stream of (image, caption_id, caption) for training.
-
-    Epoch e shuffles shards and samples with seed (seed, e); rank r of W and worker k of K take
-    disjoint parts. Resuming replays the same order and skips `start_sample` samples (documented
-    deterministic resampling rather than stored reader offsets). Skipped samples are yielded as
-    `{"skip": reason}` so the trainer in the main process can count them.
+class ImageTextStream(PartStream):
+    """Endless, epoch-wise deterministic stream of (image, caption_id, caption) for training,
+    resumable from a saved reader position (proalign/data/stream.py). Skipped samples are yielded
+    as `{"skip": reason}` so the trainer in the main process can count them.
 
     `shard_features(url)` (optional) gives a shard's cached text features as {sample key:
     {caption_id: row}}; each item then carries the row of its caption as `features`, read one
-    shard at a time.
+    shard at a time. `shard_index(url)` (optional) gives the shard's samples as [key, first byte,
+    end] (its sidecar records them): parts of a shard are then read as byte ranges, and a resume
+    seeks to its sample.
     """
 
     def __init__(self, shards, preprocess: Callable, languages: Sequence[str] = ("en",), seed: int = 0,
                  shuffle_buffer: int = 1000,
                  shard_features: Optional[Callable[[str], Mapping[str, Mapping[str, torch.Tensor]]]] = None,
-                 captions: Optional[CaptionSpec] = None):
-        super().__init__()
-        self.shard_features = shard_features
+                 captions: Optional[CaptionSpec] = None,
+                 shard_index: Optional[Callable[[str], Optional[list]]] = None,
+                 resampled: bool = False, samples_per_epoch: Optional[int] = None):
+        urls = expand_shards(shards)
+        super().__init__(urls, seed, shuffle_buffer, resampled=resampled, samples_per_epoch=samples_per_epoch,
+                         weights=shard_weights(shards))
+        self.shard_features, self.shard_index = shard_features, shard_index
         self.captions = captions
-        self.urls = expand_shards(shards)
         self.preprocess = preprocess
         self.languages = list(languages)
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.start_epoch = 0
+        self._indexes: dict = {}
 
-    def _partition(self) -> tuple[int, int]:
-        return reader_partition()
+    def _spans(self, url: str) -> Optional[list]:
+        """The shard's index, when it has one that can be read by byte ranges."""
+        if self.shard_index is None or not seekable(url):
+            return None
+        if url not in self._indexes:
+            if len(self._indexes) >= 4:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[url] = self.shard_index(url)
+        return self._indexes[url]
 
-    def _epoch(self, epoch: int) -> Iterator[dict]:
-        index, count = self._partition()
-        mine, by_shard, sample_rng = epoch_shards(self.urls, self.seed, epoch, index, count)
-        skips: Counter = Counter()
+    def index_size(self, url: str) -> Optional[int]:
+        spans = self._spans(url)
+        return None if spans is None else len(spans)
 
-        def samples() -> Iterator[dict]:
-            position = 0
-            for url in mine:
-                # this shard's cached text features, each sample carrying its own rows into the buffer
-                features = self.shard_features(url) if self.shard_features else None
-                for sample in iter_raw_samples(url, skips):
-                    position += 1
-                    if not by_shard and (position - 1) % count != index:
-                        continue
-                    if features is not None:
-                        sample["__features__"] = features.get(str(sample.get("__key__")), {})
-                    yield sample
-        yield from shuffle_buffered(samples(), sample_rng, self.shuffle_buffer)
-        for reason, n in skips.items():
-            for _ in range(n):
-                yield {"skip": reason}
+    def read(self, part: Part, epoch: int, start: int, skips: Counter):
+        features = self.shard_features(part.url) if self.shard_features else None
+        spans = self._spans(part.url)
+        if spans is not None and part.stride == (0, 1):
+            last = len(spans) if part.last is None else part.last
+            items = self._read_indexed(part.url, spans, part.first + start, last, skips)
+            items = ((number - part.first, sample) for number, sample in items)
+        else:
+            items = self._read_strided(part, start, skips)
+        for number, sample in items:
+            if features is not None:
+                sample["__features__"] = features.get(str(sample.get("__key__")), {})
+            yield number, sample
 
-    def _decode(self, sample: dict, rng: random.Random) -> dict:
-        if "skip" in sample:
-            return sample
+    def _read_indexed(self, url: str, spans: list, first: int, last: int, skips: Counter):
+        """(index position, sample) of samples [first, last) of the shard, read as one byte range."""
+        if last <= first:
+            return
+        number_at = {int(spans[n][1]): n for n in range(first, last)}
+        for sample in iter_raw_samples(url, skips, span=(int(spans[first][1]), int(spans[last - 1][2]))):
+            number = number_at.get(sample["__span__"][0])
+            if number is None or spans[number][0] != sample["__key__"]:
+                skips["not_in_cache_index"] += 1  # a sample the cache left out (a duplicate key across the range)
+                continue
+            yield number, sample
+
+    def _read_strided(self, part: Part, start: int, skips: Counter):
+        """(sample number in the shard, sample) of every stride-th sample, reading the shard whole."""
+        offset, step = part.stride
+        counted: Counter = Counter()  # skips before `start` were counted when those samples were read
+        for number, sample in enumerate(iter_raw_samples(part.url, counted)):
+            if number >= start:
+                skips.update(counted)
+            counted.clear()
+            if number >= start and number % step == offset:
+                yield number, sample
+        skips.update(counted)
+
+    def fetch(self, part: Part, epoch: int, wanted: set, skips: Counter) -> dict:
+        spans = self._spans(part.url)
+        if spans is None or part.stride != (0, 1):
+            return super().fetch(part, epoch, wanted, skips)
+        found, run = {}, []
+        for number in sorted(wanted) + [None]:  # consecutive samples are read as one range
+            if run and (number is None or number != run[-1] + 1):
+                piece = Part(part.url, part.first + run[0], part.first + run[-1] + 1)
+                found.update({n + run[0]: sample for n, sample in self.read(piece, epoch, 0, skips)})
+                run = []
+            if number is not None:
+                run.append(number)
+        return found
+
+    def decode(self, sample: dict, rng: random.Random) -> dict:
         try:
             items = caption_items(parse_meta(sample, "stream", self.captions), sample["__key__"], self.languages)
         except ValueError:  # json.JSONDecodeError is a ValueError
@@ -325,7 +415,7 @@ class ImageTextStream(IterableDataset):
         if not items:
             return {"skip": "no_caption"}
         caption_id, text = items[rng.randrange(len(items))]
-        # Random augmentation is seeded per sample from the stream's RNG, so it depends on the
+        # Random augmentation is seeded per sample from the sample's own RNG, so it depends on the
         # sample's place in the epoch only: not on workers, skipped samples or a resume.
         aug_seed = rng.getrandbits(62)
         # default_generator directly: torch.manual_seed() costs ~0.8 ms per call (dynamo guard
@@ -347,79 +437,8 @@ class ImageTextStream(IterableDataset):
             item["features"] = row
         return item
 
-    def __iter__(self):
-        epoch = self.start_epoch
-        empty_passes = 0
-        while True:
-            index, count = self._partition()
-            rng = random.Random(f"{self.seed}-{epoch}-{index}")
-            usable, skipped = 0, Counter()
-            for sample in self._epoch(epoch):
-                item = self._decode(sample, rng)
-                if "skip" in item:
-                    skipped[item["skip"]] += 1
-                else:
-                    usable += 1
-                yield item
-            empty_passes = 0 if usable else empty_passes + 1
-            if empty_passes >= MAX_EMPTY_PASSES:
-                raise EmptyStreamError(
-                    f"no usable sample in {empty_passes} passes over {len(self.urls)} shard(s) "
-                    f"({', '.join(self.urls[:5])}{', ...' if len(self.urls) > 5 else ''}) for reader {index} of "
-                    f"{count}; skipped: {dict(skipped) or 'nothing was read'}")
-            epoch += 1
-
-
-def collate(items: list[dict]) -> dict:
-    """Tensors stacked, everything else listed, field by field."""
-    return {key: torch.stack([i[key] for i in items]) if isinstance(items[0][key], torch.Tensor)
-            else [i[key] for i in items] for key in items[0]}
-
-
-class _BatchedStream(IterableDataset):
-    """Collates inside each worker (one IPC transfer per batch, not per sample); every batch
-    carries the skip counts met while filling it. Items are dicts, or `{"skip": reason}`."""
-
-    def __init__(self, stream: IterableDataset, batch_size: int):
-        super().__init__()
-        self.stream, self.batch_size = stream, batch_size
-
-    def __iter__(self):
-        items, skips = [], Counter()
-        for item in self.stream:
-            if "skip" in item:
-                skips[item["skip"]] += 1
-                continue
-            items.append(item)
-            if len(items) == self.batch_size:
-                yield {**collate(items), "skips": dict(skips)}
-                items, skips = [], Counter()
-
-
-class Batcher:
-    """Batches from the stream (collated in the DataLoader workers), counting skips.
-
-    The batch order is deterministic for a given seed, world size and `num_workers` (the
-    DataLoader takes worker batches round-robin), so a resume replays it and drops the
-    `start_sample // batch_size` batches already trained on."""
-
-    def __init__(self, stream: IterableDataset, batch_size: int, num_workers: int = 0, start_sample: int = 0):
-        from torch.utils.data import DataLoader
-        self.batch_size = batch_size
-        self.skips: Counter = Counter()
-        loader = DataLoader(_BatchedStream(stream, batch_size), batch_size=None, num_workers=num_workers,
-                            persistent_workers=num_workers > 0)
-        self.iterator = iter(loader)
-        self.consumed = 0  # samples handed out so far (the resume position)
-        if start_sample % batch_size:
-            log.warning("resume position %d is not a multiple of the batch size %d; rounding down",
-                        start_sample, batch_size)
-        for _ in range(start_sample // batch_size):
-            self.next_batch()
-
-    def next_batch(self) -> dict:
-        batch = next(self.iterator)
-        for reason, count in batch.pop("skips").items():
-            self.skips[reason] += count
-        self.consumed += self.batch_size
-        return batch
+    def empty_error(self, reader: int, readers: int, skipped: Counter) -> Exception:
+        return EmptyStreamError(
+            f"no usable sample in {MAX_EMPTY_EPOCHS} passes over {len(self.urls)} shard(s) "
+            f"({', '.join(self.urls[:5])}{', ...' if len(self.urls) > 5 else ''}) for reader {reader} of "
+            f"{readers}; skipped: {dict(skipped) or 'nothing was read'}")

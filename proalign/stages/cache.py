@@ -199,18 +199,33 @@ def paired_stream(cfg: RunConfig, model: ProCLIP, shards, languages, seed: int) 
     its own row, or with `stage1.views` one caption per view and sample."""
     if cfg.stage1.views:
         return ViewFeatureStream(shards, llm_cache(cfg, model), teacher_cache(cfg, model), languages,
-                                 cfg.stage1.views, seed, cfg.data.shuffle_buffer)
+                                 cfg.stage1.views, seed, cfg.data.shuffle_buffer, cfg.data.resampled,
+                                 cfg.data.samples_per_epoch)
     return PairedFeatureStream(shards, llm_cache(cfg, model), teacher_cache(cfg, model), languages, seed,
-                               cfg.data.shuffle_buffer)
+                               cfg.data.shuffle_buffer, cfg.data.resampled, cfg.data.samples_per_epoch)
 
 
-def shard_text_features(cfg: RunConfig, model: ProCLIP, shards, languages, kind: str = "llm"):
+def shard_text_features(cfg: RunConfig, model: ProCLIP, shards, languages, kind: str = "llm") -> "ShardTextFeatures":
     """url -> {sample key: {caption id: cached row}} for the image-text stream, after checking
     that every shard's sidecar is current: the LLM's rows (`llm`, stage 2) or the CLIP text
-    tower's (`clip`, the LiT teacher)."""
+    tower's (`clip`, the LiT teacher). Its `index(url)` is the shard's index from the same sidecar."""
     cache = {"llm": llm_cache, "clip": teacher_cache}[kind](cfg, model)
     cache.verify(shards, languages)
-    return lambda url: cache.rows_by_sample(url, languages)
+    return ShardTextFeatures(cache, languages)
+
+
+class ShardTextFeatures:
+    """A cache's rows of one shard at a time, by sample, and the shard's index (each sample's
+    byte range, recorded by `proalign cache`), both read from the shard's sidecar."""
+
+    def __init__(self, cache: EmbeddingCache, languages):
+        self.cache, self.languages = cache, list(languages)
+
+    def __call__(self, url: str) -> dict:
+        return self.cache.rows_by_sample(url, self.languages)
+
+    def index(self, url: str):
+        return self.cache.sample_spans(url)
 
 
 def cached_llm_features(cfg: RunConfig, model: ProCLIP, shards: Sequence[str], languages,

@@ -19,29 +19,33 @@ from ..train import Runtime, StageTask, join, train
 
 class StreamBatches:
     """Batches from a training stream (the shards' image-text stream, or cached features), with a
-    resumable position (the samples this rank has consumed). Streaming tasks mix this in."""
+    resumable position (each reader's place in its epoch, proalign/data/stream.py). Streaming
+    tasks mix this in."""
 
     def _init_stream(self, data: DataConfig, preprocess, batch_size: int, seed: int, shard_features=None):
         self._use_stream(ImageTextStream(data.train_shards, preprocess, data.train_languages, seed=seed,
-                                         shard_features=shard_features, captions=CaptionSpec(data.captions)),
+                                         shard_features=shard_features, captions=CaptionSpec(data.captions),
+                                         shard_index=getattr(shard_features, "index", None),
+                                         resampled=data.resampled,
+                                         samples_per_epoch=data.samples_per_epoch),
                          batch_size, data.num_workers)
 
     def _use_stream(self, stream: IterableDataset, batch_size: int, num_workers: int = 0):
         self._stream = stream
         self._batch_size, self._workers = batch_size, num_workers
-        self._start_sample = 0
+        self._start_position: dict = {}
         self._batcher: Optional[Batcher] = None
 
     def _next_stream_batch(self) -> dict:
         if self._batcher is None:
-            self._batcher = Batcher(self._stream, self._batch_size, self._workers, self._start_sample)
+            self._batcher = Batcher(self._stream, self._batch_size, self._workers, self._start_position)
         return self._batcher.next_batch()
 
     def data_state(self) -> dict:
-        return {"samples_consumed": self._batcher.consumed if self._batcher else self._start_sample}
+        return self._batcher.position() if self._batcher else dict(self._start_position)
 
     def load_data_state(self, state: dict) -> None:
-        self._start_sample = int(state.get("samples_consumed", 0))
+        self._start_position = dict(state)
         self._batcher = None
 
     def skip_counts(self) -> dict:

@@ -112,7 +112,7 @@ def test_users_shards_train_stage1_and_stage2_with_no_conversion(layout, img2dat
     if layout == "dreamlip":
         tiny_cfg.data.captions = CaptionSpec(DREAMLIP_FIELDS).fields
         tiny_cfg.stage1.views = ["short", "raw"]  # the reference's two views
-    tiny_cfg.stage1.train.steps = tiny_cfg.stage2.train.steps = 3
+    tiny_cfg.stage1.train.steps, tiny_cfg.stage2.train.steps = 6, 3  # stage 1 sees every sample (the skips)
     tiny_cfg.stage1.train.batch_size = tiny_cfg.stage2.train.batch_size = 16
     s1 = run_stage1(tiny_cfg, progress=False)
     assert s1["loss"] > 0 and s1["train_captions"] == (SAMPLES if layout == "img2dataset" else 4 * SAMPLES - 2)

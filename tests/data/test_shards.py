@@ -66,8 +66,12 @@ def test_stream_counts_skips_and_resumes_at_the_same_batch(write_shard, tmp_path
     epochs = 24 // 10 + 1
     assert batcher.skips["bad_image"] >= 1 and batcher.skips["no_caption"] >= 1 and batcher.skips["bad_json"] >= 1
     assert batcher.skips["bad_image"] <= epochs
+    saved = Batcher(ImageTextStream([str(shard)], preprocess, ["en"], seed=3, shuffle_buffer=4), 4,
+                    num_workers=workers)
+    for _ in range(3):
+        saved.next_batch()
     resumed = Batcher(ImageTextStream([str(shard)], preprocess, ["en"], seed=3, shuffle_buffer=4), 4,
-                      num_workers=workers, start_sample=12)
+                      num_workers=workers, position=saved.position())
     for expected in batches[3:]:
         got = resumed.next_batch()
         assert got["caption_id"] == expected["caption_id"]

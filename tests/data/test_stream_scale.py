@@ -28,17 +28,17 @@ def _paired(tmp_path, urls, dtype="float32"):
     return llm, teacher
 
 
-@pytest.mark.parametrize("shards", [3, 1])  # by shard, and rows round-robin when shards < readers
+@pytest.mark.parametrize("shards", [3, 1])  # by shard, and by row ranges when shards < readers
 def test_paired_stream_splits_every_epoch_disjointly_across_ranks(write_shard, tmp_path, monkeypatch, shards):
-    import proalign.data.cache as cache_module
     urls = _caption_shards(write_shard, tmp_path, shards)
     llm, teacher = _paired(tmp_path, urls)
     total = shards * 7
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(cache_module, "reader_partition", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(PairedFeatureStream, "layout", lambda self, rank=rank: (0, rank, 2))
         stream = iter(PairedFeatureStream(urls, llm, teacher, ["en"], seed=1, shuffle_buffer=4))
-        per_epoch = len(urls[rank::2]) * 7 if shards >= 2 else len(range(rank, 7, 2))
+        # by shard; one shard is split into contiguous row ranges, [0, 3) and [3, 7)
+        per_epoch = len(urls[rank::2]) * 7 if shards >= 2 else 7 * (rank + 1) // 2 - 7 * rank // 2
         rows = [next(stream) for _ in range(per_epoch)]
         assert all(torch.equal(r["llm"], r["teacher"]) for r in rows)  # the same caption's two rows
         seen.append({tuple(r["llm"].tolist()) for r in rows})
