@@ -236,6 +236,59 @@ def http_server(tmp_path):
         server.server_close()
 
 
+@pytest.fixture
+def range_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 that answers Range requests (206 with Content-Range), as
+    object stores and CDNs do, and keeps a log of every GET as (file name, first byte, end).
+    `cut[name] = n` makes it stop after n bytes of that file while announcing its full length (a
+    download cut short). Yields (folder, base URL, log, cut)."""
+    import http.server
+    import re
+    import threading
+    folder = tmp_path / "ranged"
+    folder.mkdir()
+    log, cut = [], {}
+
+    class Ranged(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body: bool):
+            path = folder / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            first, end, status = 0, len(data), 200
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if wanted:
+                first = int(wanted.group(1))
+                end = min(len(data), int(wanted.group(2)) + 1) if wanted.group(2) else len(data)
+                status = 206
+            self.send_response(status)
+            self.send_header("Content-Length", str(end - first))
+            self.send_header("ETag", f'"{len(data)}-{int(path.stat().st_mtime_ns)}"')
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {first}-{end - 1}/{len(data)}")
+            self.end_headers()
+            if body:
+                log.append((path.name, first, end))
+                self.wfile.write(data[first:min(end, first + cut.get(path.name, len(data)))])
+
+        def do_HEAD(self):
+            self._answer(body=False)
+
+        def do_GET(self):
+            self._answer(body=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ranged)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}", log, cut
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ----------------------------------------------------------------------------- small datasets on disk
 # Four classes of flat-colour images (shades per image), as an image folder and as a CoOp split.
 

@@ -145,6 +145,10 @@ def open_range(url: str, start: int, end: int):
             raise ShardLocationError(f"{url}: cannot reach it ({getattr(err, 'reason', err)})") from None
         if response.status != 206:  # the whole file: drop what comes before the range
             _discard(response, start)
+        elif not str(response.headers.get("Content-Range", "")).startswith(f"bytes {start}-"):
+            response.close()
+            raise ShardLocationError(f"{url}: asked for bytes {start}-{end - 1}, the server sent "
+                                     f"{response.headers.get('Content-Range')!r}")
         return response
     stream = open(canonical(url), "rb") if where == "file" else open_stream(url)
     stream.seek(start)

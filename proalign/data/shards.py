@@ -92,13 +92,23 @@ def _unsafe_key(key: str) -> bool:
 
 class _ShardReader:
     """A binary stream of a shard, or of `limit` bytes of it, that counts the bytes read and feeds
-    them to `digest` (a hashlib object) on the way."""
+    them to `digest` (a hashlib object) on the way. A read that fails (a download or pipe that
+    ended with an error) ends the stream: `failed` holds the error."""
 
     def __init__(self, stream, digest=None, limit: Optional[int] = None):
         self.stream, self.digest, self.limit = stream, digest, limit
-        self.count = 0
+        self.count, self.failed = 0, None
 
     def read(self, size: int = -1) -> bytes:
+        if self.failed is not None:
+            return b""
+        try:
+            return self._read(size)
+        except OSError as exn:
+            self.failed = exn
+            return b""
+
+    def _read(self, size: int) -> bytes:
         if self.limit is not None:
             left = self.limit - self.count
             if left <= 0:
@@ -184,9 +194,14 @@ def _shard_members(url: str, handler, keys, digest=None, span: Optional[tuple[in
             yield sample
         source.drain()
         want = limit if limit is not None else expected
-        outcome["cut"] = want is not None and source.count < want
+        outcome["cut"] = (want is not None and source.count < want) or source.failed is not None
+        if source.failed is not None:  # e.g. curl's "partial file"
+            log.warning("%s: reading it failed after %d bytes: %s", url, source.count, source.failed)
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except OSError:  # the failed read above, reported again at close
+            outcome["cut"] = True
 
 
 def _remote_size(url: str) -> Optional[int]:
