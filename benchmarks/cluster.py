@@ -2,8 +2,8 @@
 
 - start-up (a cache check over every shard) at 10x the shard bytes vs 1x: target <= 1.1x;
 - resume at step 300 vs step 10 (time to the first batch after the resume): target <= 1.2x;
-- read amplification at 8 simulated ranks x 2 workers over 4 shards (bytes the readers open per
-  epoch / the shards' bytes, from the library's own partition): target 1.00;
+- read amplification at 8 simulated ranks x 2 workers over 4 shards (bytes the readers read per
+  epoch / the shards' sample bytes, from the library's own epoch plan): target 1.00;
 - stage-1 peak RSS with a complete cache, a 335M vs a 2M random embedder: target <= 1.1x;
 - caching from a local HTTP server vs local files (captions/s): target >= 0.8x.
 
@@ -22,7 +22,6 @@ import sys
 import tarfile
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from common import ROOT
@@ -80,29 +79,59 @@ def startup(work: Path, shard_mb: float, shards: int = 4, rounds: int = 3) -> di
             "ratio": timing["ratio_a_over_b"]}
 
 
-def resume(early: int, late: int, batch: int, rounds: int = 2) -> dict:
-    """Time to the first batch of an image-text stream resumed at step `late` vs step `early`."""
+def _indexed_train_shard(work: Path):
+    """The training shard with its cache (which records each sample's byte range: the index a
+    split or a resume seeks by)."""
+    from proalign.data.cache import EmbeddingCache
+    cache = EmbeddingCache(work / "index-cache", "llm", "0" * 16)
+    cache.build([str(TRAIN)], _cheap_encode, progress=False)
+    return cache
+
+
+def resume(work: Path, early: int, late: int, batch: int, rounds: int = 2) -> dict:
+    """Time to the first batch of an image-text stream resumed from the position saved at step
+    `late` vs at step `early` (the positions are reached once, untimed)."""
     import torchvision.transforms as T
     from common import side_by_side
-    from proalign.data.shards import Batcher, ImageTextStream
+    from proalign.data.shards import ImageTextStream
+    from proalign.data.stream import Batcher
     preprocess = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
+    cache = _indexed_train_shard(work)
+
+    def stream():
+        return ImageTextStream([str(TRAIN)], preprocess, ["en"], seed=0, shard_index=cache.sample_spans)
+    saved = {}
+    for step in (early, late):
+        batcher = Batcher(stream(), batch, 0)
+        for _ in range(step):
+            batcher.next_batch()
+        saved[step] = batcher.position()
 
     def first_batch(step):
-        Batcher(ImageTextStream([str(TRAIN)], preprocess, ["en"], seed=0), batch, 0, step * batch).next_batch()
+        Batcher(stream(), batch, 0, saved[step]).next_batch()
     timing = side_by_side(lambda: first_batch(late), lambda: first_batch(early), rounds, warmup=0)
     return {"early_step": early, "late_step": late, "batch": batch, "resume_s_early": timing["b_s"],
             "resume_s_late": timing["a_s"], "ratio": timing["ratio_a_over_b"]}
 
 
 def read_amplification(work: Path, ranks: int = 8, workers: int = 2, shards: int = 4) -> dict:
-    """Bytes the readers of one epoch open (each opens whole shards), over the shards' bytes."""
-    from proalign.data.shards import epoch_shards
+    """Bytes the readers of one epoch read (the byte ranges of their parts, from the library's own
+    epoch plan and the shards' cached index), over the shards' sample bytes."""
+    from proalign.data.cache import EmbeddingCache
+    from proalign.data.stream import plan_epoch
     members = _samples(8)
     urls = [str(_write(work / f"amp-{i:03d}.tar", members)) for i in range(shards)]
-    size = {u: os.path.getsize(u) for u in urls}
+    cache = EmbeddingCache(work / "amp-cache", "llm", "0" * 16)
+    cache.build(urls, _cheap_encode, progress=False)
+    spans = {u: cache.sample_spans(u) for u in urls}
     count = ranks * workers
-    opened = sum(size[u] for index in range(count) for u in epoch_shards(urls, 0, 0, index, count)[0])
-    return {"ranks": ranks, "workers": workers, "shards": shards, "ratio": opened / sum(size.values())}
+    read = 0
+    for reader in range(count):
+        for part in plan_epoch(urls, 0, 0, reader, count, lambda u: len(spans[u])):
+            index = spans[part.url][part.first:part.last]
+            read += index[-1][2] - index[0][1] if index else 0
+    total = sum(index[-1][2] - index[0][1] for index in spans.values())
+    return {"ranks": ranks, "workers": workers, "shards": shards, "ratio": read / total}
 
 
 # The child's own high-water mark (VmHWM): ru_maxrss would carry over the parent's, which built the
@@ -194,7 +223,7 @@ def run(smoke: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="proalign-cluster-bench-"))
     try:
         return {"startup": startup(work, 0.25 if smoke else 5, rounds=1 if smoke else 3),
-                "resume": resume(1, 3, 8, rounds=1) if smoke else resume(10, 300, 64),
+                "resume": resume(work, 1, 3, 8, rounds=1) if smoke else resume(work, 10, 300, 64),
                 "read_amplification": read_amplification(work),
                 "stage1_rss": (stage1_rss(work, SMOKE_LARGE, SMOKE_SMALL, 16) if smoke
                                else stage1_rss(work, BERT_LARGE, ONE_LAYER_1024, 64)),

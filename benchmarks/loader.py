@@ -11,7 +11,8 @@ from common import demo_config, model_without_embedder
 
 def run(batch_size: int = 64, batches: int = 20, workers: int = 2) -> dict:
     import torch
-    from proalign.data.shards import Batcher, ImageTextStream
+    from proalign.data.shards import ImageTextStream
+    from proalign.data.stream import Batcher
     from proalign.stages.stage2 import Stage2Task
     cfg = demo_config("embedder.arch={hidden_size: 384}")
     model = model_without_embedder(cfg)

@@ -7,7 +7,8 @@ fingerprint hashes model + prefix + max length (or the teacher's weights), so a 
 encoder never reads another's cache. Each file records its shard's location and identity (size
 and mtime; ETag / Last-Modified / Content-Length remotely), so a rebuilt or edited shard makes its
 sidecar stale without any shard being read at start-up; it also records a SHA-256 of the shard's
-bytes, checked only when asked (`proalign cache --verify`).
+bytes, checked only when asked (`proalign cache --verify`), and the shard's index: each
+sample's key and byte range, by which a shard's readers split it and a resume seeks.
 Files are written atomically per shard, so an interrupted `build` resumes where it stopped, and
 two builds on one cache never leave a half-written file.
 """

@@ -25,7 +25,7 @@ from .captions import CaptionSpec, caption_items
 from .images import open_rgb
 from .locations import identity, kind, open_range, open_stream, register_fsspec_readers, seekable
 from .patterns import expand_shards, shard_weights
-from .stream import MAX_EMPTY_EPOCHS, Batcher, Part, PartStream, collate  # noqa: F401  (Batcher, collate: re-exported)
+from .stream import MAX_EMPTY_EPOCHS, Part, PartStream
 
 log = logging.getLogger(__name__)
 register_fsspec_readers()

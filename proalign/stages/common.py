@@ -11,7 +11,8 @@ from torch.utils.data import IterableDataset
 
 from ..config import DataConfig, RunConfig, config_to_dict, save_config
 from ..data.captions import CaptionSpec
-from ..data.shards import Batcher, ImageTextStream
+from ..data.shards import ImageTextStream
+from ..data.stream import Batcher
 from ..distributed import is_main
 from ..models.towers import state_fingerprint
 from ..train import Runtime, StageTask, join, train

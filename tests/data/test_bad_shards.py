@@ -38,7 +38,8 @@ def deadline(seconds):
 
 def _batcher(shards, workers=0):
     import torchvision.transforms as T
-    from proalign.data.shards import Batcher, ImageTextStream
+    from proalign.data.shards import ImageTextStream
+    from proalign.data.stream import Batcher
     stream = ImageTextStream([str(s) for s in shards], T.Compose([T.Resize(4), T.ToTensor()]), ["en"], seed=0,
                              shuffle_buffer=4)
     return Batcher(stream, 2, num_workers=workers)

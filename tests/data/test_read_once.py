@@ -8,7 +8,8 @@ import torch
 import torchvision.transforms as T
 
 from proalign.data.cache import EmbeddingCache
-from proalign.data.shards import Batcher, ImageTextStream
+from proalign.data.shards import ImageTextStream
+from proalign.data.stream import Batcher
 from proalign.data.stream import plan_epoch
 
 

@@ -55,7 +55,8 @@ def test_shard_builder_emoji_split(repo_root, tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stream_counts_skips_and_resumes_at_the_same_batch(write_shard, tmp_path, workers):
-    from proalign.data.shards import Batcher, ImageTextStream
+    from proalign.data.shards import ImageTextStream
+    from proalign.data.stream import Batcher
     import torchvision.transforms as T
     shard = _stream_shard(write_shard, tmp_path)
     preprocess = T.Compose([T.RandomResizedCrop(4), T.ToTensor()])
