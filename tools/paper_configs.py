@@ -41,10 +41,17 @@ EMBEDDERS = {
 }
 # Image-text pairs (the paper's 3M / 15M / 30M): CC3M, + CC12M, + YFCC15M, as img2dataset writes them,
 # with DreamLIP's re-captions in each sample's JSON.
-DATA = {"3m": (3_000_000, ["/data/cc3m/{00000..00331}.tar"]),
-        "15m": (15_000_000, ["/data/cc3m/{00000..00331}.tar", "/data/cc12m/{00000..01242}.tar"]),
-        "30m": (30_000_000, ["/data/cc3m/{00000..00331}.tar", "/data/cc12m/{00000..01242}.tar",
-                             "/data/yfcc15m/{00000..01499}.tar"])}
+SOURCES = {"cc3m": "/data/cc3m/{00000..00331}.tar", "cc12m": "/data/cc12m/{00000..01242}.tar",
+           "yfcc15m": "/data/yfcc15m/{00000..01499}.tar"}
+
+
+def _sources(*names: str) -> list[dict]:
+    # weight 1 each: every epoch reads every shard once (other weights need data.resampled)
+    return [{"name": name, "shards": SOURCES[name], "weight": 1} for name in names]
+
+
+DATA = {"3m": (3_000_000, _sources("cc3m")), "15m": (15_000_000, _sources("cc3m", "cc12m")),
+        "30m": (30_000_000, _sources("cc3m", "cc12m", "yfcc15m"))}
 CAPTIONS = [{"field": "shortIB_captions", "role": "short"}, {"field": "longIB_captions", "role": "long"},
             {"field": "caption", "role": "raw"}]
 EVAL = [{"name": "urban1k", "format": "urban1k", "path": "/data/eval/Urban1k"},
