@@ -103,7 +103,9 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     torch.manual_seed(cfg.seed)
     model = model or training_model(cfg)
     build_caches(cfg, model, teacher=False, progress=progress)
-    heldout = heldout_evaluation(cfg, model) if cfg.data.eval_shards and rank == 0 else None
+    # every rank evaluates the same bounded set (rank 0 reports): no rank waits in a collective
+    # while another evaluates
+    heldout = heldout_evaluation(cfg, model) if cfg.data.eval_shards else None
     before = heldout() if heldout else {}
     seed_everything(cfg.seed)
     train_text = shard_text_features(cfg, model, cfg.data.train_shards, cfg.data.train_languages)
@@ -121,7 +123,7 @@ def run_stage2(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = 
     summary = {"stage": "stage2", **last, "embedder_built": embedder_built(model), **{f"before_{k}": v for k, v in before.items()},
                **{f"after_{k}": v for k, v in after.items()}}
     append_summary(cfg, summary)
-    if before:
+    if before and is_main():
         print("stage2: held-out retrieval, before -> after")
         for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
             cells = ", ".join(f"R@{k} {before[f'{direction}_R@{k}']:.3f} -> {after[f'{direction}_R@{k}']:.3f}"

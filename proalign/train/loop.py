@@ -196,7 +196,9 @@ def _steps(run: _Run, bar, metrics_log: MetricsLog, received: list[int]) -> dict
                     **{f"skipped_{k}": v for k, v in task.skip_counts().items()}}
             metrics_log.write(done, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and backend.is_main:
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0:
+            # on every rank, so that none waits for rank 0's eval in the next step's collectives
+            # (past NCCL's timeout, on a long eval); rank 0 reports
             _evaluate(run, metrics_log, done)
         if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
             _save(run, done)
@@ -259,7 +261,7 @@ def _forward_backward(run: _Run, step: int):
 
 def _evaluate(run: _Run, metrics_log: MetricsLog, done: int) -> None:
     scores = {f"eval_{k}": float(v) for k, v in run.task.evaluate().items()}
-    if scores:
+    if scores and run.backend.is_main:
         metrics_log.write(done, scores)
         log.info("%s step %d: %s", run.task.name, done, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     run.backend.model.train()

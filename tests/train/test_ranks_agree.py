@@ -1,5 +1,6 @@
 """Decisions the ranks of a data-parallel run take together: a non-finite loss on one rank skips
-the step on every rank (no collective mismatch), and the replicas stay equal."""
+the step on every rank (no collective mismatch), and the replicas stay equal; periodic eval runs on
+every rank, so none waits in a collective while rank 0 evaluates."""
 import os
 
 import torch
@@ -20,8 +21,8 @@ class _Regression(StageTask):
         super().__init__()
         torch.manual_seed(0)
         self.layer = nn.Linear(4, 1)
-        self.train_cfg = TrainConfig(steps=5, batch_size=8, log_every=1, checkpoint_every=100)
-        self.rank, self.step = rank, 0
+        self.train_cfg = TrainConfig(steps=5, batch_size=8, log_every=1, checkpoint_every=100, eval_every=2)
+        self.rank, self.step, self.evaluated_at = rank, 0, []
         self.gen = torch.Generator().manual_seed(rank)
 
     def next_batch(self):
@@ -34,6 +35,10 @@ class _Regression(StageTask):
             loss = loss * float("nan")
         return loss, {}
 
+    def evaluate(self):
+        self.evaluated_at.append(self.step)
+        return {"score": float(self.rank)}
+
 
 def _worker(rank, port, out_dir):
     from proalign.train import Runtime, train
@@ -42,7 +47,8 @@ def _worker(rank, port, out_dir):
                       LOCAL_RANK=str(rank))
     task = _Regression(rank)
     last = train(task, Runtime(device="cpu"), f"{out_dir}/run", progress=False)
-    torch.save({"weight": task.layer.weight.detach().clone(), "skipped": last["nonfinite_skipped"]},
+    torch.save({"weight": task.layer.weight.detach().clone(), "skipped": last["nonfinite_skipped"],
+                "evaluated_at": task.evaluated_at},
                f"{out_dir}/rank{rank}.pt")
     import torch.distributed as dist
     dist.destroy_process_group()
@@ -61,3 +67,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(free_port, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert [r["skipped"] for r in ranks] == [1, 1]
     assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+    assert ranks[0]["evaluated_at"] == ranks[1]["evaluated_at"] == [2, 4]  # every rank, at the same steps
+    import json
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["eval_score"] for row in logged if "eval_score" in row] == [0.0, 0.0]  # rank 0 reports
