@@ -89,6 +89,21 @@ def main(argv=None) -> int:
     search.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     search.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
     _add_output_flags(search)
+    serve = sub.add_parser(
+        "serve", help="a trained model behind a web page: search a folder by text or by image",
+        description="Index a folder of images (the same index as `proalign search`), then serve a page on which "
+                    "to type queries in any language, drop an image for its nearest images and the best of your "
+                    "labels, and switch between the LLM and the CLIP text tower. Listens on 127.0.0.1 unless told.")
+    serve.add_argument("--model", required=True,
+                       help="a run folder, a .safetensors model file, a Hugging Face model folder or hf-hub:org/name")
+    serve.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    serve.add_argument("--index", default=None, help="index file (default: IMAGES/.proalign-index.safetensors)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    serve.add_argument("--batch-size", type=int, default=64, help="images per encoding batch while indexing")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (default 10 MB)")
+    _add_output_flags(serve)
     export = sub.add_parser(
         "export", help="a run's model as a Hugging Face folder (model file, config, model card), or a hub repo",
         description="Write the run's most trained model file (coop, else stage2, else stage1) as a Hugging Face "
@@ -148,6 +163,14 @@ def _dispatch(args) -> int:
         from .search import run_search
         run_search(args.model, args.folder, args.queries, args.top_k, args.index, args.html, args.device,
                    args.batch_size, progress)
+        return 0
+    if args.command == "serve":
+        from .errors import ProalignError
+        from .serve import ServeSettings, run_serve
+        if not 0 < args.max_upload_mb <= 1024:
+            raise ProalignError(f"--max-upload-mb must be in (0, 1024], got {args.max_upload_mb}")
+        run_serve(args.model, args.images, args.host, args.port, args.index, args.device, args.batch_size,
+                  ServeSettings(max_upload_bytes=int(args.max_upload_mb * 2 ** 20)), progress)
         return 0
     if args.command == "clip-benchmark":
         from .integrations.clip_benchmark import main as clip_benchmark_main
