@@ -148,6 +148,15 @@ def build_index(model, folder: str | Path, index_path: Optional[str | Path] = No
     return index, counts
 
 
+def index_folder(model, folder: str | Path, index_path: Optional[str | Path] = None, batch_size: int = 64,
+                 progress: bool = True) -> tuple[ImageIndex, dict]:
+    """`build_index`, saying what it did (for the commands that index a folder)."""
+    index, counts = build_index(model, folder, index_path, batch_size, progress)
+    print(f"index: {counts['images']} images ({counts['encoded']} encoded, {counts['reused']} reused, "
+          f"{counts['skipped']} unreadable skipped)")
+    return index, counts
+
+
 @dataclass
 class Hit:
     path: str
@@ -204,9 +213,7 @@ def run_search(model_path: str, folder: str, queries: Sequence[str], top_k: int 
     if not Path(folder).is_dir():  # before the model loads
         raise ProalignError(f"{folder}: not a folder of images")
     model, _, _ = load(model_path, device)
-    index, counts = build_index(model, folder, index_path, batch_size, progress)
-    print(f"index: {counts['images']} images ({counts['encoded']} encoded, {counts['reused']} reused, "
-          f"{counts['skipped']} unreadable skipped)")
+    index, _ = index_folder(model, folder, index_path, batch_size, progress)
     hits = search(model, index, queries, top_k)
     print(format_hits(queries, hits, Path(folder)))
     if html_out:

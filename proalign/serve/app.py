@@ -22,7 +22,7 @@ from urllib.parse import quote
 import torch
 
 from ..errors import ProalignError
-from ..search import INDEX_NAME, ImageIndex, build_index, display_path, search
+from ..search import ImageIndex, display_path, index_folder, search
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -259,18 +259,15 @@ def run_serve(model_path: str, images: str, host: str = "127.0.0.1", port: int =
               index_path: Optional[str] = None, device: Optional[str] = None, batch_size: int = 64,
               settings: Optional[ServeSettings] = None, progress: bool = True) -> None:
     """Load the model, index the folder (reusing `proalign search`'s index), serve until stopped."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise ProalignError("proalign serve needs FastAPI and uvicorn: pip install 'proalign[serve]'") from None
+    import importlib.util
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        raise ProalignError("proalign serve needs FastAPI and uvicorn: pip install 'proalign[serve]'")
+    import uvicorn
     from ..loading import load
     if not Path(images).is_dir():  # before the model loads
         raise ProalignError(f"{images}: not a folder of images")
     model, _, _ = load(model_path, device)
-    index, counts = build_index(model, images, index_path, batch_size, progress)
-    print(f"index: {counts['images']} images ({counts['encoded']} encoded, {counts['reused']} reused, "
-          f"{counts['skipped']} unreadable skipped) in {index_path or Path(images) / INDEX_NAME}")
+    index, counts = index_folder(model, images, index_path, batch_size, progress)
     service = SearchService(model, index, settings or ServeSettings(), str(model_path))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serve: listening on %s: anyone who can reach this address can query the model and see "

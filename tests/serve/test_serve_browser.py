@@ -35,14 +35,11 @@ def browser():
 
 
 @pytest.fixture
-def page_server(trained, tmp_path, free_port):
+def page_server(trained, tmp_path, start_server):
     """(base URL, model, index, folder, labels) of a served model."""
-    import threading
-    import time
-    import uvicorn
     from proalign.loading import load
     from proalign.search import build_index
-    from proalign.serve import ServeSettings, create_app
+    from proalign.serve import ServeSettings
     from proalign.serve.app import SearchService
     folder = tmp_path / "images"
     if os.environ.get("PROALIGN_SERVE_MODEL"):
@@ -54,20 +51,8 @@ def page_server(trained, tmp_path, free_port):
         shutil.copytree(trained["folder"], folder)
         labels = trained["names"]
     index, _ = build_index(model, folder, progress=False)
-    service = SearchService(model, index, ServeSettings(), "the model under test")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", model, index, folder, labels
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with start_server(SearchService(model, index, ServeSettings(), "the model under test")) as base:
+        yield base, model, index, folder, labels
 
 
 def _wait(driver, condition, timeout=60):

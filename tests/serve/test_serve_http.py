@@ -130,3 +130,37 @@ def test_serve_refuses_a_missing_folder_before_loading_the_model(run_cli, tmp_pa
 def test_image_urls_quote_odd_names(served):
     _, service, _ = served
     assert service.image_url("a b/<x>.png") == "/images/" + quote("a b/<x>.png")
+
+
+def test_proalign_serve_listens_on_localhost_and_reuses_the_search_index(trained, tmp_path, free_port, repo_root):
+    """The command itself: it indexes the folder as `proalign search` does (the index file is the
+    same), listens on 127.0.0.1 by default, and answers until stopped."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    folder = tmp_path / "images"
+    shutil.copytree(trained["folder"], folder)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proalign.cli", "serve", "--model", str(trained["run"]),
+                             "--images", str(folder), "--port", str(port), "--device", "cpu", "--no-progress"],
+                            cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, info = time.monotonic() + 120, None
+        while info is None:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "proalign serve did not answer"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5) as response:
+                    info = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert info["images"] == trained["images"] and info["towers"] == ["llm", "clip"]
+        assert (folder / ".proalign-index.safetensors").is_file()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0]
+    assert f"index: {trained['images']} images ({trained['images']} encoded" in output
+    assert f"on http://127.0.0.1:{port}/" in output
