@@ -58,12 +58,18 @@ def has_pretrained_text_tower(cfg: ClipConfig) -> bool:
 
 def _register_arch(name: str, arch: dict) -> None:
     import open_clip
-    registered = open_clip.factory._MODEL_CONFIGS.get(name)
-    if registered == arch:
+    arch = json.loads(json.dumps(arch))  # as open_clip will hold it (lists, not tuples)
+    if open_clip.factory._MODEL_CONFIGS.get(name) == arch:
         return
-    folder = Path(tempfile.mkdtemp(prefix="proalign_clip_cfg_"))
-    (folder / f"{name}.json").write_text(json.dumps(arch))
-    open_clip.add_model_config(folder / f"{name}.json")
+    # open_clip registers configs from files; the file is read at once and removed (a registered
+    # config stays when its file is gone), so no run leaves files in the temporary folder
+    with tempfile.TemporaryDirectory(prefix="proalign_clip_cfg_") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(arch))
+        open_clip.add_model_config(path)
+    if open_clip.factory._MODEL_CONFIGS.get(name) != arch:
+        raise ConfigError(f"clip.arch: open_clip did not take the architecture for {name!r} (it needs embed_dim, "
+                          "vision_cfg and text_cfg)")
 
 
 class _DropRandomInitNotice(logging.Filter):
