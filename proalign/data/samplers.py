@@ -1,4 +1,4 @@
-"""Index samplers for tasks that train from features in memory (stage 1, the CoOp head)."""
+"""Index samplers for tasks that train from features in memory (the CoOp head)."""
 from __future__ import annotations
 
 import torch
