@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from ..errors import ProalignError
 from ..storage import save_tensors
-from .captions import CaptionSpec, caption_role
+from .captions import CaptionId, CaptionSpec, caption_role
 from . import locations
 from .patterns import shard_weights
 from .shards import expand_shards, read_captions
@@ -189,7 +189,7 @@ class EmbeddingCache:
             stats["texts_encoded"] += len(fresh)
             stats["texts_reused"] += len(unique) - len(fresh)
             emb = torch.stack([rows[t] for t in texts]) if texts else torch.empty(0, 0)
-            samples = len({cid.rsplit("|", 2)[0] for cid in ids})
+            samples = len({CaptionId.parse(cid).key for cid in ids})
             if skips:
                 log.info("%s: %d samples with captions; skipped %s", url, samples, dict(skips))
             meta = {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "shard": locations.canonical(url),
@@ -260,7 +260,7 @@ class EmbeddingCache:
         ids, emb, _ = self.shard_rows(url, languages, checked=True)
         by_key: dict[str, list[int]] = {}
         for row, cid in enumerate(ids):
-            by_key.setdefault(cid.rsplit("|", 2)[0], []).append(row)
+            by_key.setdefault(CaptionId.parse(cid).key, []).append(row)
         return {key: dict(zip((ids[r] for r in rows), emb[rows].unbind())) for key, rows in by_key.items()}
 
     def load(self, shards, languages: Optional[Sequence[str]] = None) -> tuple[list[str], torch.Tensor, dict]:
@@ -319,7 +319,7 @@ class _RowMemo:
 
 
 def _language(caption_id: str) -> str:
-    return caption_id.split("|")[-2]  # ids are `key|lang|index`
+    return CaptionId.parse(caption_id).language
 
 
 def paired_rows(llm: "EmbeddingCache", teacher: "EmbeddingCache", url: str, languages: Optional[Sequence[str]],

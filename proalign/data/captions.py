@@ -17,8 +17,11 @@ Caption ids are `key|language|index` for short captions (as before roles existed
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+log = logging.getLogger(__name__)
 
 ROLES = ("short", "long", "raw")
 
@@ -107,14 +110,43 @@ def _field_value(sample: dict, meta: dict, field: str):
     return value
 
 
+class CaptionId(NamedTuple):
+    """A caption's id: its sample's key, its language and its tag (`0`, `1`, ... for short
+    captions; `long0`, `raw0`, ... for the other roles), written `key|language|tag`. The one
+    format and the one parse: a key may hold `|` (the last two fields are split off); a language
+    may not (refused when the id is made)."""
+    key: str
+    language: str
+    tag: str
+
+    @classmethod
+    def of(cls, key: str, language: str, role: str, index: int) -> "CaptionId":
+        if "|" in language:
+            raise ValueError(f"language {language[:40]!r} holds '|', which caption ids use as a separator")
+        return cls(key, language, str(index) if role == "short" else f"{role}{index}")
+
+    @classmethod
+    def parse(cls, text: str) -> "CaptionId":
+        parts = text.rsplit("|", 2)
+        if len(parts) != 3:
+            raise ValueError(f"not a caption id (key|language|tag): {text[:80]!r}")
+        return cls(*parts)
+
+    @property
+    def role(self) -> str:
+        return self.tag.rstrip("0123456789") or "short"
+
+    def __str__(self) -> str:
+        return f"{self.key}|{self.language}|{self.tag}"
+
+
 def caption_id(key: str, language: str, role: str, index: int) -> str:
-    return f"{key}|{language}|{index}" if role == "short" else f"{key}|{language}|{role}{index}"
+    return str(CaptionId.of(key, language, role, index))
 
 
 def caption_role(caption_id_: str) -> str:
     """The role a caption id says (`short` for a plain index)."""
-    tail = caption_id_.rsplit("|", 1)[1]
-    return tail.rstrip("0123456789") or "short"
+    return CaptionId.parse(caption_id_).role
 
 
 def usable_text(text) -> bool:
@@ -140,6 +172,10 @@ def caption_items(meta: dict, key: str, languages: Optional[Sequence[str]] = Non
     roles = meta.get("caption_roles") or {}
     for lang, texts in meta["captions"].items():
         if languages and lang not in languages:
+            continue
+        if "|" in lang:  # cannot be written in a caption id; the sample keeps its other languages
+            log.warning("sample %r: skipping captions of language %r ('|' is the caption id separator)",
+                        key[:80], lang[:40])
             continue
         texts = [texts] if isinstance(texts, str) else texts
         lang_roles = roles.get(lang) or ["short"] * len(texts)

@@ -25,6 +25,7 @@ from typing import Optional
 
 from ..config import RunConfig, load_config
 from ..data.cache import CachedTextFeatures
+from ..data.captions import CaptionId
 from ..data.shards import expand_shards
 from ..eval.evaluator import CLIP_TOWER
 from ..eval.text_transfer import text_transfer_rows
@@ -145,10 +146,10 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
         evaluation = DemoEvaluation(cfg, model, llm_features, eval_languages, progress, clip_features)
 
     text_rows: list[dict] = []
-    text_languages = eval_languages or sorted({cid.rsplit("|", 2)[1] for cid in llm_ids})
+    text_languages = eval_languages or sorted({CaptionId.parse(cid).language for cid in llm_ids})
 
     def subset(ids, feats, keys):
-        pick = [i for i, cid in enumerate(ids) if cid.rsplit("|", 2)[0] in keys]
+        pick = [i for i, cid in enumerate(ids) if CaptionId.parse(cid).key in keys]
         return [ids[i] for i in pick], feats[pick]
     # each eval set's cached names, split out once; test-style names the same concepts as
     # test-language, so its text measure would only repeat that one

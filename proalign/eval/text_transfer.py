@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..data.captions import CaptionId
 from .retrieval import recall_uncertainty, retrieval_metrics
 
 
@@ -18,7 +19,7 @@ def _by_key(ids: Sequence[str], feats: torch.Tensor, lang: str) -> dict[str, tor
     """{sample key: row} for the first caption of `lang` (ids are `key|lang|index`)."""
     out = {}
     for cid, row in zip(ids, feats):
-        key, language, index = cid.rsplit("|", 2)
+        key, language, index = CaptionId.parse(cid)
         if language == lang and index == "0":
             out[key] = row
     return out

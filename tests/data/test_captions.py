@@ -121,3 +121,17 @@ def test_users_shards_train_stage1_and_stage2_with_no_conversion(layout, img2dat
     tiny_cfg.init_from = str(tmp_path / "run" / "stage1.safetensors")
     s2 = run_stage2(tiny_cfg, progress=False)
     assert s2["loss_contrastive"] > 0
+
+
+def test_caption_ids_have_one_format_and_one_parse_even_for_keys_holding_the_separator():
+    from proalign.data.captions import CaptionId, caption_items
+    cid = CaptionId.of("shop|a/001", "de", "long", 2)
+    assert str(cid) == "shop|a/001|de|long2"
+    assert CaptionId.parse(str(cid)) == cid and cid.role == "long"
+    assert CaptionId.parse("k|en|0").role == "short"
+    with pytest.raises(ValueError, match="separator"):
+        CaptionId.of("k", "e|n", "short", 0)
+    with pytest.raises(ValueError, match="not a caption id"):
+        CaptionId.parse("no-separators")
+    items = caption_items({"captions": {"en": ["a dog"], "x|y": ["lost"]}}, "k|1", None)
+    assert items == [("k|1|en|0", "a dog")]  # the language that cannot be written is left out, said in the log
