@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import ProalignError
 from ..storage import atomic_savefig, atomic_write_text
 
 
@@ -63,10 +64,20 @@ def language_table(rows: Sequence[dict], metric: str = "t2i_R@1", mean_excludes:
     return markdown_table(out, ["language", *models])
 
 
-def plot_languages(rows: Sequence[dict], path: str | Path, metric: str = "t2i_R@1", title: str = "") -> None:
-    import matplotlib
+def _pyplot():
+    """matplotlib's pyplot on a file backend; it comes with the trainer (`proalign[train]`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ProalignError("plots need matplotlib, which comes with the trainer: pip install 'proalign[train]'") \
+            from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_languages(rows: Sequence[dict], path: str | Path, metric: str = "t2i_R@1", title: str = "") -> None:
+    plt = _pyplot()
     models, langs, table = pivot_by_language(rows, metric)
     errors = {(r["model"], r["language"]): r.get(f"{metric}_se", 0.0) for r in rows}
     width = 0.8 / max(1, len(models))
@@ -233,9 +244,7 @@ def base_to_new_table(results: list[dict]) -> str:
 def plot_protocol(results: list[dict], part: str, path: Path, title: str) -> None:
     """CoOp's figure: accuracy against shots (log scale), mean ± std over seeds per language and
     their mean, with the hand-written zero-shot prompt as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     agg = aggregate(results, part)
     shots = sorted(agg["learned"])
     fig, ax = plt.subplots(figsize=(6, 4))
