@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,10 @@ class RunConfig:
     deepspeed: Optional[str] = None
     # A proalign model file (safetensors with clip./adapter./prompt. entries) to start from.
     init_from: Optional[str] = None
+    # Python modules of yours (`my_pkg.terms`) imported in every process of the run before anything
+    # is built, so the loss terms, poolers, sources and formats they register can be named below.
+    # Only a run config imports: a model file's stored config never does.
+    imports: list = field(default_factory=list)
     clip: ClipConfig = field(default_factory=ClipConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -490,9 +495,8 @@ def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
     need(not bad_views, "stage1.views", f"roles are {list(ROLES)}, got {bad_views[:1]}")
     need(len(set(cfg.stage1.views)) == len(cfg.stage1.views), "stage1.views", "lists a role twice")
     for stage in ("teacher", "stage1", "stage2", "coop"):
-        for term, weight in getattr(cfg, stage).losses.items():
-            need(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
-                 f"{stage}.losses.{term}", f"a loss weight is a number, got {_short(weight)}")
+        for term, entry in getattr(cfg, stage).losses.items():
+            loss_entry(entry, f"{stage}.losses.{term}")
     for lang, template in cfg.coop.templates.items():
         need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
              "must be a string with exactly one {} for the class name")
@@ -543,6 +547,20 @@ def _format_options(ds: EvalDatasetConfig, where: str):
     if not isinstance(ds.options, dict):
         raise ConfigError(f"{where}.options: expected a mapping, got {ds.options!r}")
     return _build(entry.options, ds.options, f"{where}.options")
+
+
+def loss_entry(entry, where: str) -> tuple[float, dict]:
+    """(weight, the term's own settings) of one `losses` entry: a weight, or a mapping with
+    `weight` (default 1) and the term's keyword arguments (`{weight: 0.5, margin: 0.2}`)."""
+    if isinstance(entry, dict):
+        settings = dict(entry)
+        weight = settings.pop("weight", 1.0)
+    else:
+        weight, settings = entry, {}
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ConfigError(f"{where}{'.weight' if isinstance(entry, dict) else ''}: a loss weight is a finite number, "
+                          f"got {weight!r}"[:300])
+    return float(weight), settings
 
 
 def _check_sources(need, data: "DataConfig") -> None:
@@ -678,9 +696,29 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None,
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    cfg = config_from_dict(apply_overrides(raw, overrides or []), missing_files)
+    raw = apply_overrides(raw, overrides or [])
+    import_user_modules(raw.get("imports") or [])
+    cfg = config_from_dict(raw, missing_files)
     _check_run_folders(cfg)
     return cfg
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def import_user_modules(modules) -> None:
+    """Import the run config's `imports` (module names, not paths), each error naming its entry."""
+    import importlib
+    if not isinstance(modules, list):
+        raise ConfigError(f"imports: a list of module names, got {_short(modules)}")
+    for number, name in enumerate(modules):
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            raise ConfigError(f"imports[{number}]: a module name such as my_pkg.terms, got {_short(name)}")
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"imports[{number}]: cannot import {name!r} ({err}); is it installed or on "
+                              "PYTHONPATH?") from None
 
 
 def _check_run_folders(cfg: RunConfig) -> None:

@@ -1,7 +1,7 @@
 """ProCLIP losses. Inputs are raw features; every loss L2-normalises before comparing."""
 from __future__ import annotations
 
-
+import inspect
 from typing import Iterable, Optional
 
 import torch
@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distributed import rank_and_world
+from .config import loss_entry
 from .errors import ConfigError
 from .registry import Registry
 
@@ -261,6 +262,21 @@ class ClassificationTerm(LossTerm):
         return {self.term: F.cross_entropy(logits, f["target"]), "train_acc": accuracy}
 
 
+def _build_term(cls, reduction: str, scope: str, settings: dict, where: str) -> "LossTerm":
+    """The term with its own settings, each named in the error when the term does not take it."""
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = [key for key in settings if key not in accepted or key in ("self", "reduction", "scope")]
+    if unknown and not takes_any:
+        options = [k for k in accepted if k not in ("self", "reduction", "scope")]
+        raise ConfigError(f"{where}.{unknown[0]}: the {cls.term!r} loss term has no such setting "
+                          f"(it takes: weight{''.join(', ' + k for k in options)})")
+    try:
+        return cls(reduction, scope, **settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 class Objective(nn.Module):
     """sum_k weight_k * term_k over the registered terms named in `weights` (zero weights are
     left out, so their inputs need not be computed). Returns (total, detached log values:
@@ -272,7 +288,8 @@ class Objective(nn.Module):
                  provides: Optional[Iterable[str]] = None, task: str = "the task", scope: str = "global"):
         super().__init__()
         classes = {name: LOSS_TERMS.get(name, f"{where}.{name}") for name in weights}
-        self.weights = {name: float(w) for name, w in weights.items() if w != 0}
+        entries = {name: loss_entry(entry, f"{where}.{name}") for name, entry in weights.items()}
+        self.weights = {name: weight for name, (weight, _) in entries.items() if weight != 0}
         if not self.weights:
             raise ConfigError(f"{where}: every loss weight is zero: nothing to train")
         if provides is not None:
@@ -282,7 +299,8 @@ class Objective(nn.Module):
                 if missing:
                     raise ConfigError(f"{where}.{name}: the loss term needs {', '.join(missing)}, which {task} "
                                       f"does not compute (it provides: {', '.join(sorted(provided))})")
-        self.terms = nn.ModuleDict({name: classes[name](reduction, scope) for name in self.weights})
+        self.terms = nn.ModuleDict({name: _build_term(classes[name], reduction, scope, entries[name][1],
+                                                      f"{where}.{name}") for name in self.weights})
 
     @property
     def needs(self) -> set[str]:

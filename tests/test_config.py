@@ -66,7 +66,7 @@ def test_renamed_loss_fields_say_the_new_spelling(repo_root, tmp_path):
             load_config(write(tmp_path, raw))
     raw = base(repo_root)
     raw["stage2"]["losses"] = {"contrastive": "one"}
-    with pytest.raises(ConfigError, match=r"stage2.losses.contrastive: a loss weight is a number, got 'one'"):
+    with pytest.raises(ConfigError, match=r"stage2.losses.contrastive: a loss weight is a finite number, got 'one'"):
         load_config(write(tmp_path, raw))
 
 
