@@ -401,21 +401,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
-# Fields that were renamed: a config that still uses one is told the new spelling.
-RENAMED = {"stage1.w_instance": "stage1.losses.instance", "stage1.w_structure": "stage1.losses.structure",
-           "stage2.lambda_sd": "stage2.losses.self_distillation",
-           "stage2.extra_losses": "stage2.losses (every term with its weight, in one mapping)"}
-
-
 def _build(cls: type, raw: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        for key in unknown:
-            if f"{prefix}{key}" in RENAMED:
-                raise ConfigError(f"{prefix}{key}: renamed; write {RENAMED[prefix + key]}")
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (allowed: {', '.join(sorted(names))})")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

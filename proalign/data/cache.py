@@ -51,7 +51,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def read_sidecar_meta(handle) -> dict:
-    """The metadata of an open sidecar ({} for a file of an older cache version)."""
+    """The metadata of an open sidecar ({} for a file without proalign's metadata: stale)."""
     raw = (handle.metadata() or {}).get(META_KEY)
     return json.loads(raw) if raw else {}
 

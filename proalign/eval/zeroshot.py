@@ -17,18 +17,6 @@ ClassEncoder = Callable[[list[str], torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor,
-                       ks: Sequence[int] = (1,)) -> dict[str, float]:
-    """Top-k accuracy of nearest class prompt; class_emb (C, d), labels (N,) class indices."""
-    scores = image_emb @ class_emb.T
-    out = {}
-    for k in ks:
-        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-        out[f"acc@{k}"] = (top == labels[:, None]).any(1).float().mean().item()
-    return out
-
-
-@torch.no_grad()
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """clip_benchmark's metrics: top-1 and top-5 accuracy, and mean per-class recall (the
     top-1 recall of each class present in `labels`, averaged over those classes); plus the

@@ -83,8 +83,7 @@ class StageTask(nn.Module, abc.ABC):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
     def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        expected, frozen = set(self.training_state()), tuple(self.frozen_prefixes())
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(frozen)}  # older checkpoints held them
+        expected = set(self.training_state())
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             raise KeyError(f"{self.name}: checkpoint does not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")

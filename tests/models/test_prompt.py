@@ -160,7 +160,7 @@ def _synthetic_task(model, names, shots=4, test=8, noise=0.05, seed=0):
 def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny_cfg):
     from proalign.train import Runtime, train
     from proalign.config import OptimConfig, TrainConfig
-    from proalign.eval.zeroshot import zero_shot_accuracy
+    from proalign.eval.zeroshot import classification_metrics
     from proalign.models.proclip import ProCLIP
     from proalign.models.towers import module_fingerprint
     from proalign.stages.coop import CoopTask
@@ -170,7 +170,7 @@ def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny
     (train_x, train_y), (test_x, test_y) = _synthetic_task(model, names)
     before = module_fingerprint(model.embedder)
     handwritten = model.encode_text([f"a photo of a {n}." for n in names]).detach()
-    acc_hand = zero_shot_accuracy(test_x, handwritten, test_y)["acc@1"]
+    acc_hand = classification_metrics(test_x @ handwritten.T, test_y)["top1"]
     model.prompt = PromptLearner(model.embedder, n_ctx=8, position="end")
     task = CoopTask(model.prompt, model.adapter, train_x, train_y, [[n] for n in names], 20.0, tiny_cfg.coop,
                     tiny_cfg.seed)
@@ -178,7 +178,7 @@ def test_learned_context_beats_handwritten_prompt_and_embedder_is_untouched(tiny
                                  optim=OptimConfig(optimizer="adamw", lr=0.05, warmup_steps=5))
     train(task, Runtime.of(tiny_cfg), tiny_cfg.output_dir, progress=False)
     learned = model.encode_text(names, prompt=True).detach()
-    acc_learned = zero_shot_accuracy(test_x, learned, test_y)["acc@1"]
+    acc_learned = classification_metrics(test_x @ learned.T, test_y)["top1"]
     assert acc_learned > acc_hand + 0.25, (acc_hand, acc_learned)
     assert module_fingerprint(model.embedder) == before
 
