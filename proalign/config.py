@@ -34,6 +34,50 @@ def _short(value: Any) -> str:
     return f"{text[:MAX_SHOWN_CHARS - 20]}... ({len(text)} characters)"
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Checks:
+    """Validation of one config section: each error names the dotted field (the section's prefix
+    plus the field). With `missing_files` (a list), a file or shard absent from this machine is
+    recorded there instead of raised (a dry run of a config for another machine)."""
+
+    def __init__(self, prefix: str = "", missing_files: Optional[list] = None):
+        self.prefix, self.missing_files = prefix, missing_files
+
+    def at(self, name: str) -> "Checks":
+        return Checks(f"{self.prefix}{name}.", self.missing_files)
+
+    def name(self, field_name: str) -> str:
+        return f"{self.prefix}{field_name}"
+
+    def need(self, cond: bool, field_name: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{self.name(field_name)}: {msg}")
+
+    def need_file(self, cond: bool, field_name: str, msg: str) -> None:
+        if cond:
+            return
+        if self.missing_files is None:
+            raise ConfigError(f"{self.name(field_name)}: {msg}")
+        self.missing_files.append(f"{self.name(field_name)}: {msg}")
+
+    def file(self, field_name: str, path: Optional[str]) -> None:
+        self.need_file(not path or Path(path).exists(), field_name, f"file {path!r} does not exist")
+
+    def shards(self, field_name: str, patterns) -> None:
+        if patterns:
+            try:
+                _check_shards(self.name(field_name), patterns)
+            except ConfigError as err:
+                self.need_file(False, field_name, str(err).split(": ", 1)[1])
+
+    def losses(self, losses: dict) -> None:
+        for term, entry in losses.items():
+            loss_entry(entry, self.name(f"losses.{term}"))
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """PyYAML's safe loader without aliases: `*name` repeats a node by reference, and nested
     repeats (an "alias bomb") expand to billions of values once walked. Configs never need them."""
@@ -63,6 +107,12 @@ class ClipConfig:
     # An inline `arch` is sized (on the meta device, no memory) before it is built: larger than this
     # is refused. A model file cannot raise it; only a run config can.
     max_build_gb: float = 16.0
+
+    def check(self, c: Checks) -> None:
+        c.need(self.max_build_gb > 0, "max_build_gb", "must be > 0")
+        c.file("checkpoint", self.checkpoint)
+        if self.pretrained and self.pretrained.startswith((".", "/")):
+            c.file("pretrained", self.pretrained)
 
 
 @dataclass
@@ -112,12 +162,25 @@ class EmbedderConfig:
     # config can turn this on: a model file never stores it, and one that asks for it is ignored.
     trust_remote_code: bool = False
 
+    def check(self, c: Checks) -> None:
+        c.need(self.max_length > 2, "max_length", "must be > 2")
+        c.need(self.max_build_gb > 0, "max_build_gb", "must be > 0")
+        c.need(self.batch_size > 0, "batch_size", "must be > 0")
+        c.need(not (self.instruction and self.query_prefix), "instruction",
+               "and embedder.query_prefix both set: the instruction template is the query prefix; set one")
+        c.need(not self.instruction or "{instruction}" in self.instruction_template, "instruction_template",
+               "must contain {instruction}")
+
 
 @dataclass
 class AdapterConfig:
     num_blocks: int = 1
     expansion: int = 8
     dropout: float = 0.0
+
+    def check(self, c: Checks) -> None:
+        c.need(self.num_blocks >= 0, "num_blocks", "must be >= 0")
+        c.need(self.expansion >= 1, "expansion", "must be >= 1")
 
 
 @dataclass
@@ -126,6 +189,9 @@ class PromptConfig:
     init_phrase: Optional[str] = None
     position: Literal["front", "middle", "end"] = "end"
     class_specific: bool = False
+
+    def check(self, c: Checks) -> None:
+        c.need(self.n_ctx >= 0, "n_ctx", "must be >= 0")
 
 
 @dataclass
@@ -162,6 +228,17 @@ class DataConfig:
     # does not read it.
     train_samples: Optional[int] = None
 
+    def check(self, c: Checks) -> None:
+        c.need(self.num_workers >= 0, "num_workers", "must be >= 0")
+        c.need(self.image_size is None or 8 <= self.image_size <= 4096, "image_size",
+               f"must be in [8, 4096] pixels (or null: the tower's own), got {self.image_size}")
+        c.need(self.max_image_pixels > 0, "max_image_pixels", "must be > 0")
+        c.need(self.max_image_aspect >= 1, "max_image_aspect", "must be >= 1")
+        c.need(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        _check_sources(c, self)
+        c.shards("train_shards", self.train_shards)
+        c.shards("eval_shards", self.eval_shards)
+
 
 # Per-rank samples of one optimizer step (batch_size x accum_steps): beyond this a config is a typo,
 # not a run (every micro-batch's features are held for the step).
@@ -181,6 +258,19 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: Optional[float] = 1.0
 
+    def check(self, c: Checks) -> None:
+        """Finite and in range before any compute (a NaN rate would fail late or be ignored)."""
+        c.need(_finite(self.lr) and 0 < self.lr <= 10, "lr", f"must be finite and in (0, 10], got {self.lr}")
+        c.need(_finite(self.weight_decay) and 0 <= self.weight_decay <= 10, "weight_decay",
+               f"must be finite and in [0, 10], got {self.weight_decay}")
+        c.need(_finite(self.momentum) and 0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        c.need(len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas), "betas",
+               f"needs two values in [0, 1), got {self.betas}")
+        c.need(_finite(self.eps) and self.eps > 0, "eps", "must be finite and > 0")
+        c.need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        c.need(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), "grad_clip",
+               "must be finite and > 0 (or null: no clipping)")
+
 
 @dataclass
 class TrainConfig:
@@ -195,6 +285,16 @@ class TrainConfig:
     # samples, InfoNCE negatives and structure pairs included (open_clip's accum_freq).
     accum_steps: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def check(self, c: Checks) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_nonfinite_steps"):
+            c.need(getattr(self, name) > 0, name, "must be > 0")
+        c.need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: no periodic eval)")
+        c.need(1 <= self.accum_steps <= MAX_ACCUM_STEPS, "accum_steps", f"must be in [1, {MAX_ACCUM_STEPS}]")
+        c.need(self.batch_size <= MAX_BATCH, "batch_size", f"must be <= {MAX_BATCH:,} (per rank)")
+        c.need(self.batch_size * self.accum_steps <= MAX_BATCH, "accum_steps",
+               f"x batch_size = {self.batch_size * self.accum_steps:,} samples per step and rank, over "
+               f"{MAX_BATCH:,}: every micro-batch's features are kept for the step")
 
 
 @dataclass
@@ -211,6 +311,13 @@ class Stage1Config:
     views: list = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def check(self, c: Checks) -> None:
+        from .data.captions import ROLES
+        bad_views = [v for v in self.views if v not in ROLES]
+        c.need(not bad_views, "views", f"roles are {list(ROLES)}, got {bad_views[:1]}")
+        c.need(len(set(self.views)) == len(self.views), "views", "lists a role twice")
+        c.losses(self.losses)
+
 
 @dataclass
 class Stage2Config:
@@ -223,6 +330,10 @@ class Stage2Config:
     # Of the self-distillation term (as stage1.scope); InfoNCE always spans the global batch.
     scope: Literal["global", "local"] = "global"
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, c: Checks) -> None:
+        c.need(0.0 <= self.ema_momentum <= 1.0, "ema_momentum", "must be in [0, 1]")
+        c.losses(self.losses)
 
 
 @dataclass
@@ -239,6 +350,10 @@ class TeacherConfig:
     losses: dict = field(default_factory=lambda: {"contrastive": 1.0})
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def check(self, c: Checks) -> None:
+        c.losses(self.losses)
+        c.shards("train_shards", self.train_shards)
+
 
 @dataclass
 class EvalDatasetConfig:
@@ -251,6 +366,13 @@ class EvalDatasetConfig:
     languages: list = field(default_factory=list)  # empty: every language present
     max_samples: Optional[int] = None
     options: Any = field(default_factory=dict)     # validated into the format's options dataclass
+
+    def check(self, c: Checks) -> None:
+        self.options = _format_options(self, c.prefix.rstrip("."))
+        if self.format == "shards":
+            c.shards("path", self.path)
+        else:
+            c.need_file(Path(self.path).exists(), "path", f"{self.path!r} does not exist")
 
 
 @dataclass
@@ -285,6 +407,24 @@ class CoopConfig:
     losses: dict = field(default_factory=lambda: {"classification": 1.0})
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
+    def check(self, c: Checks) -> None:
+        for name in ("shots", "epochs", "batch_size", "log_every"):
+            c.need(getattr(self, name) > 0, name, "must be > 0")
+        c.need(math.isfinite(self.lr) and 0 < self.lr <= 10, "lr", "must be finite and in (0, 10]")
+        c.need(self.max_classes is None or self.max_classes > 1, "max_classes", "must be > 1 (or null: all)")
+        for lang, template in self.templates.items():
+            c.need(isinstance(template, str) and template.count("{}") == 1, f"templates.{lang}",
+                   "must be a string with exactly one {} for the class name")
+        c.losses(self.losses)
+        c.shards("train_shards", self.train_shards)
+        c.shards("eval_shards", self.eval_shards)
+        for name in ("train_data", "eval_data"):
+            ds = getattr(self, name)
+            if ds is not None:
+                from .data.datasets import FORMATS
+                c.need(FORMATS.get(ds.format, c.name(f"{name}.format")).task == "classification", f"{name}.format",
+                       f"{ds.format!r} is not a classification format (imagefolder, coop-split)")
+
 
 @dataclass
 class EvalConfig:
@@ -299,6 +439,19 @@ class EvalConfig:
     templates: dict = field(default_factory=dict)
     template_ensemble: bool = True
 
+    def check(self, c: Checks) -> None:
+        c.need(self.batch_size > 0, "batch_size", "must be > 0")
+        for lang, templates in self.templates.items():
+            listed = [templates] if isinstance(templates, str) else templates
+            c.need(isinstance(listed, list) and bool(listed)
+                   and all(isinstance(t, str) and t.count("{}") == 1 for t in listed),
+                   f"templates.{lang}", "must be a template or a list of templates, each with exactly one {}")
+        for label, path in self.models.items():
+            c.need(isinstance(path, str), f"models.{label}", f"expected a file name, got {_short(path)}")
+            c.need_file(Path(path).exists(), f"models.{label}", f"file {path!r} does not exist")
+        for i, ds in enumerate(self.datasets):
+            ds.check(Checks(c.name(f"datasets[{i}]."), c.missing_files))
+
 
 @dataclass
 class HubConfig:
@@ -309,6 +462,10 @@ class HubConfig:
     # Shown as the card's title and description (empty: the model's stage and towers).
     title: str = ""
     description: str = ""
+
+    def check(self, c: Checks) -> None:
+        c.need(all(isinstance(tag, str) and tag.strip() for tag in self.tags), "tags",
+               "must be a list of non-empty strings")
 
 
 @dataclass
@@ -338,6 +495,17 @@ class RunConfig:
     coop: CoopConfig = field(default_factory=CoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+    def check(self, c: Checks) -> None:
+        """What joins sections; each section checks its own fields (`check` beside them)."""
+        if self.teacher.lock_text_tower:
+            text_cfg = (self.clip.arch or {}).get("text_cfg") or {}
+            c.need(bool(text_cfg.get("hf_model_name") or self.clip.pretrained or self.clip.checkpoint),
+                   "teacher.lock_text_tower", "locks a text tower that was never trained: give clip.arch.text_cfg."
+                   "hf_model_name (a pretrained transformers model), clip.pretrained or clip.checkpoint")
+        c.file("init_from", self.init_from)
+        if self.deepspeed:
+            _check_deepspeed_json(self.deepspeed)
 
 
 # --------------------------------------------------------------------------- validation
@@ -422,112 +590,14 @@ def _build(cls: type, raw: dict, where: str = "") -> Any:
         raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
-def _check_ranges(cfg: RunConfig, missing_files: Optional[list] = None) -> None:
-    """Ranges, combinations and files. With `missing_files` (a list), a file or shard absent from this
-    machine is recorded there instead of raised (a dry run of a config for another machine)."""
-    def need(cond: bool, where: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{where}: {msg}")
-
-    def need_file(cond: bool, where: str, msg: str) -> None:
-        if cond:
-            return
-        if missing_files is None:
-            raise ConfigError(f"{where}: {msg}")
-        missing_files.append(f"{where}: {msg}")
-
-    for stage in ("teacher", "stage1", "stage2"):
-        train = getattr(cfg, stage).train
-        need(train.steps > 0, f"{stage}.train.steps", "must be > 0")
-        need(train.batch_size > 0, f"{stage}.train.batch_size", "must be > 0")
-        need(train.log_every > 0, f"{stage}.train.log_every", "must be > 0")
-        need(train.checkpoint_every > 0, f"{stage}.train.checkpoint_every", "must be > 0")
-        need(train.eval_every >= 0, f"{stage}.train.eval_every", "must be >= 0 (0: no periodic eval)")
-        need(train.max_nonfinite_steps > 0, f"{stage}.train.max_nonfinite_steps", "must be > 0")
-        need(1 <= train.accum_steps <= MAX_ACCUM_STEPS, f"{stage}.train.accum_steps", f"must be in [1, {MAX_ACCUM_STEPS}]")
-        need(train.batch_size <= MAX_BATCH, f"{stage}.train.batch_size", f"must be <= {MAX_BATCH:,} (per rank)")
-        need(train.batch_size * train.accum_steps <= MAX_BATCH, f"{stage}.train.accum_steps",
-             f"x batch_size = {train.batch_size * train.accum_steps:,} samples per step and rank, over {MAX_BATCH:,}: "
-             "every micro-batch's features are kept for the step")
-        _check_optim(need, train.optim, f"{stage}.train.optim")
-    if cfg.teacher.lock_text_tower:
-        text_cfg = (cfg.clip.arch or {}).get("text_cfg") or {}
-        need(bool(text_cfg.get("hf_model_name") or cfg.clip.pretrained or cfg.clip.checkpoint),
-             "teacher.lock_text_tower", "locks a text tower that was never trained: give clip.arch.text_cfg."
-             "hf_model_name (a pretrained transformers model), clip.pretrained or clip.checkpoint")
-    need(cfg.adapter.num_blocks >= 0, "adapter.num_blocks", "must be >= 0")
-    need(cfg.adapter.expansion >= 1, "adapter.expansion", "must be >= 1")
-    need(0.0 <= cfg.stage2.ema_momentum <= 1.0, "stage2.ema_momentum", "must be in [0, 1]")
-    need(cfg.embedder.max_length > 2, "embedder.max_length", "must be > 2")
-    need(cfg.clip.max_build_gb > 0, "clip.max_build_gb", "must be > 0")
-    need(cfg.embedder.max_build_gb > 0, "embedder.max_build_gb", "must be > 0")
-    need(cfg.coop.prompt.n_ctx >= 0, "coop.prompt.n_ctx", "must be >= 0")
-    need(cfg.coop.shots > 0, "coop.shots", "must be > 0")
-    need(cfg.coop.epochs > 0, "coop.epochs", "must be > 0")
-    need(cfg.coop.batch_size > 0, "coop.batch_size", "must be > 0")
-    need(math.isfinite(cfg.coop.lr) and 0 < cfg.coop.lr <= 10, "coop.lr", "must be finite and in (0, 10]")
-    need(cfg.coop.log_every > 0, "coop.log_every", "must be > 0")
-    need(cfg.coop.max_classes is None or cfg.coop.max_classes > 1, "coop.max_classes", "must be > 1 (or null: all)")
-    need(cfg.embedder.batch_size > 0, "embedder.batch_size", "must be > 0")
-    need(not (cfg.embedder.instruction and cfg.embedder.query_prefix), "embedder.instruction",
-         "and embedder.query_prefix both set: the instruction template is the query prefix; set one")
-    need(not cfg.embedder.instruction or "{instruction}" in cfg.embedder.instruction_template,
-         "embedder.instruction_template", "must contain {instruction}")
-    need(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(cfg.data.image_size is None or 8 <= cfg.data.image_size <= 4096, "data.image_size",
-         f"must be in [8, 4096] pixels (or null: the tower's own), got {cfg.data.image_size}")
-    need(cfg.data.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
-    need(cfg.data.max_image_aspect >= 1, "data.max_image_aspect", "must be >= 1")
-    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-    _check_sources(need, cfg.data)
-    from .data.captions import ROLES
-    bad_views = [v for v in cfg.stage1.views if v not in ROLES]
-    need(not bad_views, "stage1.views", f"roles are {list(ROLES)}, got {bad_views[:1]}")
-    need(len(set(cfg.stage1.views)) == len(cfg.stage1.views), "stage1.views", "lists a role twice")
-    for stage in ("teacher", "stage1", "stage2", "coop"):
-        for term, entry in getattr(cfg, stage).losses.items():
-            loss_entry(entry, f"{stage}.losses.{term}")
-    for lang, template in cfg.coop.templates.items():
-        need(isinstance(template, str) and template.count("{}") == 1, f"coop.templates.{lang}",
-             "must be a string with exactly one {} for the class name")
-    for lang, templates in cfg.eval.templates.items():
-        listed = [templates] if isinstance(templates, str) else templates
-        need(isinstance(listed, list) and bool(listed) and all(isinstance(t, str) and t.count("{}") == 1 for t in listed),
-             f"eval.templates.{lang}", "must be a template or a list of templates, each with exactly one {}")
-    for where, path in (("clip.checkpoint", cfg.clip.checkpoint), ("init_from", cfg.init_from)):
-        need_file(not path or Path(path).exists(), where, f"file {path!r} does not exist")
-    need_file(not (cfg.clip.pretrained and cfg.clip.pretrained.startswith((".", "/")))
-              or Path(cfg.clip.pretrained).exists(), "clip.pretrained", f"file {cfg.clip.pretrained!r} does not exist")
-    for label, path in cfg.eval.models.items():
-        need(isinstance(path, str), f"eval.models.{label}", f"expected a file name, got {_short(path)}")
-        need_file(Path(path).exists(), f"eval.models.{label}", f"file {path!r} does not exist")
-    shard_lists = [("data.train_shards", cfg.data.train_shards), ("data.eval_shards", cfg.data.eval_shards),
-                   ("teacher.train_shards", cfg.teacher.train_shards),
-                   ("coop.train_shards", cfg.coop.train_shards), ("coop.eval_shards", cfg.coop.eval_shards)]
-    for where, ds in (("coop.train_data", cfg.coop.train_data), ("coop.eval_data", cfg.coop.eval_data)):
-        if ds is not None:
-            ds.options = _format_options(ds, where)
-            from .data.datasets import FORMATS
-            need(FORMATS.get(ds.format, f"{where}.format").task == "classification", f"{where}.format",
-                 f"{ds.format!r} is not a classification format (imagefolder, coop-split)")
-            need_file(Path(ds.path).exists(), f"{where}.path", f"{ds.path!r} does not exist")
-    need(all(isinstance(tag, str) and tag.strip() for tag in cfg.hub.tags), "hub.tags",
-         "must be a list of non-empty strings")
-    for i, ds in enumerate(cfg.eval.datasets):
-        ds.options = _format_options(ds, f"eval.datasets[{i}]")
-        if ds.format == "shards":
-            shard_lists.append((f"eval.datasets[{i}].path", ds.path))
-        else:
-            need_file(Path(ds.path).exists(), f"eval.datasets[{i}].path", f"{ds.path!r} does not exist")
-    for where, patterns in shard_lists:
-        if patterns:
-            try:
-                _check_shards(where, patterns)
-            except ConfigError as err:
-                need_file(False, where, str(err).split(": ", 1)[1])
-    if cfg.deepspeed:
-        _check_deepspeed_json(cfg.deepspeed)
+def validate(section, c: Checks) -> None:
+    """Each section's own checks, nested sections first (`coop.prompt` before `coop`)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, c.at(f.name))
+    if hasattr(section, "check"):
+        section.check(c)
 
 
 def _format_options(ds: EvalDatasetConfig, where: str):
@@ -554,20 +624,20 @@ def loss_entry(entry, where: str) -> tuple[float, dict]:
     return float(weight), settings
 
 
-def _check_sources(need, data: "DataConfig") -> None:
+def _check_sources(c: Checks, data: "DataConfig") -> None:
     """Source weights and resampled epochs agree (open_clip's rule: upsampling needs resampling)."""
     from .data.patterns import ShardPatternError, sources
     try:
         weights = [weight for _, weight in sources(data.train_shards)] if data.train_shards else []
     except ShardPatternError as err:
-        need(False, "data.train_shards", str(err).split(": ", 1)[-1])
+        c.need(False, "train_shards", str(err).split(": ", 1)[-1])
         return
-    need(data.resampled or all(w == 1 for w in weights), "data.train_shards",
-         "source weights other than 1 need data.resampled: true (an epoch without resampling reads every shard once)")
-    need(not data.resampled or (isinstance(data.samples_per_epoch, int) and data.samples_per_epoch > 0),
-         "data.samples_per_epoch", "data.resampled needs the samples of one epoch (a positive number)")
-    need(data.resampled or data.samples_per_epoch is None, "data.samples_per_epoch",
-         "only resampled epochs have a size of their own (set data.resampled: true, or remove it)")
+    c.need(data.resampled or all(w == 1 for w in weights), "train_shards",
+           "source weights other than 1 need data.resampled: true (an epoch without resampling reads every shard once)")
+    c.need(not data.resampled or (isinstance(data.samples_per_epoch, int) and data.samples_per_epoch > 0),
+           "samples_per_epoch", "data.resampled needs the samples of one epoch (a positive number)")
+    c.need(data.resampled or data.samples_per_epoch is None, "samples_per_epoch",
+           "only resampled epochs have a size of their own (set data.resampled: true, or remove it)")
 
 
 def _check_shards(where: str, patterns) -> None:
@@ -576,22 +646,6 @@ def _check_shards(where: str, patterns) -> None:
         expand_shards(patterns)
     except ShardPatternError as err:
         raise ConfigError(f"{where}: {err}") from None
-
-
-def _check_optim(need, optim: "OptimConfig", where: str) -> None:
-    """Optimizer settings finite and in range, before any compute (a NaN or infinite rate would
-    otherwise fail late or be silently ignored)."""
-    finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
-    need(finite(optim.lr) and 0 < optim.lr <= 10, f"{where}.lr", f"must be finite and in (0, 10], got {optim.lr}")
-    need(finite(optim.weight_decay) and 0 <= optim.weight_decay <= 10, f"{where}.weight_decay",
-         f"must be finite and in [0, 10], got {optim.weight_decay}")
-    need(finite(optim.momentum) and 0 <= optim.momentum < 1, f"{where}.momentum", "must be in [0, 1)")
-    need(len(optim.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in optim.betas), f"{where}.betas",
-         f"needs two values in [0, 1), got {optim.betas}")
-    need(finite(optim.eps) and optim.eps > 0, f"{where}.eps", "must be finite and > 0")
-    need(optim.warmup_steps >= 0, f"{where}.warmup_steps", f"must be >= 0, got {optim.warmup_steps}")
-    need(optim.grad_clip is None or (finite(optim.grad_clip) and optim.grad_clip > 0), f"{where}.grad_clip",
-         "must be finite and > 0 (or null: no clipping)")
 
 
 def _check_deepspeed_json(path: str) -> None:
@@ -668,7 +722,7 @@ def section_from_dict(cls: type, raw: dict, where: str) -> Any:
 def config_from_dict(raw: dict, missing_files: Optional[list] = None) -> RunConfig:
     """A validated RunConfig; with `missing_files` (a list) absent files are listed there, not raised."""
     cfg = _build(RunConfig, raw or {})
-    _check_ranges(cfg, missing_files)
+    validate(cfg, Checks("", missing_files))
     return cfg
 
 
