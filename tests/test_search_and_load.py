@@ -164,7 +164,7 @@ def test_search_names_a_missing_folder_before_loading_the_model(tmp_path):
 def test_readme_inference_snippet_runs_verbatim_from_another_directory(repo_root, trained, tmp_path, monkeypatch, capsys):
     """The README's "Using a trained model" code block, on the trained run placed where it says."""
     readme = (repo_root / "README.md").read_text()
-    section = readme.split("### Using a trained model", 1)[1]
+    section = readme.split("## Using a trained model", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shutil.copytree(trained["run"], tmp_path / "runs" / "demo")
     shutil.copy(trained["folder"] / "0.png", tmp_path / "cat.jpg")
