@@ -31,6 +31,7 @@ def _build_module(repo_root):
     return module
 
 
+@pytest.mark.slow  # runs the demo data generator in a subprocess
 @pytest.mark.skipif(not Path("/usr/share/unicode/cldr/common/annotations/en.xml").exists()
                     or not Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").exists(),
                     reason="needs the Debian packages unicode-cldr-core and fonts-noto-color-emoji (.ci/run installs them)")

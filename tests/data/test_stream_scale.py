@@ -56,6 +56,7 @@ def test_paired_stream_shuffles_per_epoch_and_replays_exactly(write_shard, tmp_p
     assert sorted(first[:21]) == sorted(first[21:]) and first[:21] != first[21:]  # each epoch all, reshuffled
 
 
+@pytest.mark.slow  # runs stage 1 and stage 2 to check a guard
 def test_training_never_loads_a_whole_cache(tiny_cfg, monkeypatch):
     """Stage 1 and stage 2 read the training captions shard by shard: the all-in-memory loader is
     refused for the training shards."""
