@@ -8,3 +8,7 @@ class ProalignError(Exception):
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
+
+
+class NonFiniteLossError(ProalignError, RuntimeError):
+    """A run whose losses or weights became NaN or infinite (its model is not exported)."""

@@ -58,8 +58,7 @@ def write_run_config(cfg: RunConfig, stage: Optional[str] = None, resume: bool =
     rank 0 before the stage runs. A resume is checked first against the stage's latest checkpoint:
     a refused one writes nothing."""
     import os
-    from ..checkpoints import CheckpointManager
-    from ..train.state import check_resume_config
+    from ..train.checkpoints import CheckpointManager, check_resume_config
     if resume and stage:
         check_resume_config(config_to_dict(cfg), CheckpointManager(Path(cfg.output_dir) / stage), stage)
     if os.environ.get("RANK", "0") == "0":  # the process group is not joined yet

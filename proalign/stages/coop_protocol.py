@@ -39,7 +39,7 @@ def run_protocol(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int], bas
     """Train and evaluate one head per (K, seed); returns the per-run results and writes
     coop_protocol.md, coop_protocol.png and coop_protocol.jsonl in `cfg.output_dir`."""
     from ..models.proclip import ProCLIP
-    from ..checkpoints import CheckpointManager
+    from ..train.checkpoints import CheckpointManager
     from .coop import CoopTask, run_coop
     if not cfg.init_from:
         raise ValueError("coop protocol: set init_from (the stage-2 model the heads start from)")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoints import CheckpointManager
+from .checkpoints import CheckpointManager
 from ..config import RunConfig, TrainConfig
 from ..distributed import rank_and_world
 from .optim import build_optimizer, lr_lambda

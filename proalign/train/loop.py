@@ -15,11 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoints import CheckpointManager
-from ..errors import ProalignError
+from ..errors import NonFiniteLossError, ProalignError
 from .backends import Backend, Runtime, make_backend
 from .metrics import MetricsLog
-from .state import check_resume_config, data_layout, restore_rng_state, rng_state
+from .checkpoints import CheckpointManager, check_resume_config, resume_latest, save_checkpoint
 from .task import StageTask
 
 log = logging.getLogger(__name__)
@@ -27,10 +26,6 @@ log = logging.getLogger(__name__)
 # Called as hook(step) after every finished optimizer step (its checkpoint written), in every run
 # of this process, after the `hooks` a caller passes: how launchers and tests stop a run at a step.
 STEP_HOOKS: list[Callable[[int], None]] = []
-
-
-class NonFiniteLossError(ProalignError, RuntimeError):
-    pass
 
 
 class TrainingInterrupted(ProalignError):
@@ -93,17 +88,7 @@ class _StopMidStep(Exception):
 
 
 def _resume(run: _Run) -> None:
-    """Weights, optimizer, schedule, RNGs and the data position of the latest checkpoint."""
-    latest = run.ckpt.latest(require=run.backend.checkpoint_kind)
-    if latest is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", run.ckpt.root)
-        return
-    state = run.backend.load_state(run.ckpt, latest)
-    run.backend.follow_configured_schedule()
-    restore_rng_state(state)
-    run.task.load_data_state(state.get("data", {}))
-    run.start_step = state["step"]
-    log.info("resumed %s from %s (step %d)", run.task.name, latest, run.start_step)
+    run.start_step = resume_latest(run.task, run.backend, run.ckpt)
 
 
 @contextlib.contextmanager
@@ -268,12 +253,4 @@ def _evaluate(run: _Run, metrics_log: MetricsLog, done: int) -> None:
 
 
 def _save(run: _Run, step: int) -> None:
-    task = run.task
-    tensors = task.training_state()
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteLossError(f"{task.name} step {step}: non-finite weights ({', '.join(bad[:5])}); the "
-                                 f"checkpoint is not written, the last good one stays in {run.ckpt.root}")
-    state = {**rng_state(), "data": task.data_state(), "scheduler": run.backend.scheduler_state(),
-             "config": run.config, "layout": data_layout(run.config, run.backend.world)}
-    run.backend.save_state(run.ckpt, step, tensors, state)
+    save_checkpoint(run.task, run.backend, run.ckpt, run.config, step)

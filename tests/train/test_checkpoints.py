@@ -69,7 +69,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_retention_counts_finished_checkpoints_only_and_resume_falls_back(tmp_path, caplog):
-    from proalign.checkpoints import CheckpointManager
+    from proalign.train.checkpoints import CheckpointManager
     ckpt = CheckpointManager(tmp_path, keep=2)
     for step in (2, 4, 6):
         (ckpt.root / f"step-{step:07d}-ds").mkdir(parents=True)  # DeepSpeed's folder, mid-save
@@ -141,7 +141,7 @@ def test_a_full_disk_at_a_checkpoint_names_the_path_and_the_last_good_one(tmp_pa
     complete one, no temporary folder left behind; a model file that cannot be written names itself."""
     import errno
     from proalign import storage
-    from proalign.checkpoints import CheckpointManager
+    from proalign.train.checkpoints import CheckpointManager
     from proalign.errors import ProalignError
     ckpt = CheckpointManager(tmp_path / "run")
     weights = {"w": torch.ones(3)}
