@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +34,6 @@ from safetensors.torch import load_file
 
 from ..errors import ConfigError, NonFiniteLossError, ProalignError
 from ..storage import WriteError, atomic_write_text, save_tensors
-
-if TYPE_CHECKING:
-    from .backends import Backend
-    from .task import StageTask
 
 log = logging.getLogger(__name__)
 _FINISHED = re.compile(r"step-\d{7}")
@@ -261,8 +257,9 @@ def _tuples(value):
     return value
 
 
-def save_checkpoint(task: "StageTask", backend: "Backend", ckpt: CheckpointManager, config: dict, step: int) -> None:
-    """The checkpoint of `step` (see the module's docstring for what it holds)."""
+def save_checkpoint(task, backend, ckpt: CheckpointManager, config: dict, step: int) -> None:
+    """The checkpoint of `step` of a `StageTask` trained by a `Backend` (proalign/train/backends.py,
+    which writes its own files beside proalign's); the module's docstring says what it holds."""
     tensors = task.training_state()
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -273,7 +270,7 @@ def save_checkpoint(task: "StageTask", backend: "Backend", ckpt: CheckpointManag
     backend.save_state(ckpt, step, tensors, state)
 
 
-def resume_latest(task: "StageTask", backend: "Backend", ckpt: CheckpointManager) -> int:
+def resume_latest(task, backend, ckpt: CheckpointManager) -> int:
     """Weights, optimizer, schedule, RNGs and the data position of the latest checkpoint; the step
     it reached (0: none yet, the run starts from scratch)."""
     latest = ckpt.latest(require=backend.checkpoint_kind)
