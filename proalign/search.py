@@ -163,14 +163,16 @@ class Hit:
     score: float
 
 
+def top_hits(index: ImageIndex, scores: torch.Tensor, top_k: int) -> list[Hit]:
+    """The `top_k` images of one row of scores against the index."""
+    best = scores.topk(min(top_k, len(index.paths)))
+    return [Hit(index.paths[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist())]
+
+
 def search(model, index: ImageIndex, queries: Sequence[str], top_k: int = 5) -> list[list[Hit]]:
     """The `top_k` images (cosine similarity) for each query."""
     text = model.encode_text(list(queries)).cpu()
-    scores = text @ index.embeddings.T
-    k = min(top_k, len(index.paths))
-    best = scores.topk(k, dim=1)
-    return [[Hit(index.paths[i], float(s)) for s, i in zip(vals.tolist(), idx.tolist())]
-            for vals, idx in zip(best.values, best.indices)]
+    return [top_hits(index, row, top_k) for row in text @ index.embeddings.T]
 
 
 def format_hits(queries: Sequence[str], hits: Sequence[Sequence[Hit]], root: Path) -> str:

@@ -31,7 +31,7 @@ from .captions import CaptionId, CaptionSpec, caption_role
 from . import locations
 from .patterns import shard_weights
 from .shards import expand_shards, read_captions
-from .stream import Part, PartStream
+from .stream import Part, PartStream, ShardMemo
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "5"
@@ -173,9 +173,8 @@ class EmbeddingCache:
             shard_identity = locations.identity(url)  # before the read: a change during it is seen next time
             digest = hashlib.sha256()  # of the shard's bytes as they are read: no second read
             spans: list = []
-            size = shard_identity.get("size") if locations.kind(url) != "file" else None
             items = read_captions(url, languages, skips, self.captions, digest, spans,
-                                  int(size) if size is not None else None)
+                                  locations.reported_size(url, shard_identity))
             stats.update(skips)
             ids = [i for i, _ in items]
             texts = [t for _, t in items]
@@ -363,17 +362,9 @@ class PairedFeatureStream(PartStream):
         super().__init__(expand_shards(shards), seed, shuffle_buffer, resampled=resampled,
                          samples_per_epoch=samples_per_epoch, weights=shard_weights(shards))
         self.llm, self.teacher, self.languages = llm, teacher, list(languages)
-        self._memo: dict = {}
+        self._items = ShardMemo(self._load, keep=2)  # the shard's items, read from its sidecars
         for cache in (llm, teacher):
             cache.verify(self.urls, self.languages)
-
-    def _items(self, url: str) -> list:
-        """The shard's items, read from its sidecars (the last two shards are kept)."""
-        if url not in self._memo:
-            if len(self._memo) >= 2:
-                self._memo.pop(next(iter(self._memo)))
-            self._memo[url] = self._load(url)
-        return self._memo[url]
 
     def _load(self, url: str) -> list:
         llm, teacher = paired_rows(self.llm, self.teacher, url, self.languages, checked=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Optional
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -119,6 +120,18 @@ def open_stream(url: str):
         return fsspec.open(url, "rb").open()
     from webdataset.gopen import gopen
     return gopen(url, "rb")
+
+
+def reported_size(url: str, facts: Optional[dict] = None) -> Optional[int]:
+    """The byte count a server or object store reports for a shard (`facts`: its `identity`, when
+    the caller has it); None for a local file, a pipe, or a server that reports none."""
+    if kind(url) in ("file", "pipe"):
+        return None
+    try:
+        size = (facts if facts is not None else identity(url)).get("size")
+        return int(size) if size is not None else None
+    except (ProalignError, ValueError):
+        return None
 
 
 def seekable(url: str) -> bool:

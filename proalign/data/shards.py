@@ -23,9 +23,9 @@ from PIL import Image
 from ..errors import ProalignError
 from .captions import CaptionSpec, caption_items
 from .images import open_rgb
-from .locations import identity, kind, open_range, open_stream, register_fsspec_readers, seekable
+from .locations import kind, open_range, open_stream, register_fsspec_readers, reported_size, seekable
 from .patterns import expand_shards, shard_weights
-from .stream import MAX_EMPTY_EPOCHS, Part, PartStream
+from .stream import MAX_EMPTY_EPOCHS, Part, PartStream, ShardMemo
 
 log = logging.getLogger(__name__)
 register_fsspec_readers()
@@ -204,17 +204,6 @@ def _shard_members(url: str, handler, keys, digest=None, span: Optional[tuple[in
             outcome["cut"] = True
 
 
-def _remote_size(url: str) -> Optional[int]:
-    """The byte count a server or object store reports for a shard (None: none, or a local file)."""
-    if kind(url) in ("file", "pipe"):
-        return None
-    try:
-        size = identity(url).get("size")
-        return int(size) if size is not None else None
-    except (ProalignError, ValueError):
-        return None
-
-
 def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None,
                      span: Optional[tuple[int, int]] = None, expected_size: Optional[int] = None) -> Iterator[dict]:
     """Raw samples (key -> bytes) of one shard, or of the byte range `span` of it, in file order,
@@ -231,7 +220,7 @@ def iter_raw_samples(url: str, skips: Optional[Counter] = None, digest=None,
     skips = skips if skips is not None else Counter()
     local_cut = span is None and kind(url) == "file" and not tar_is_complete(url)
     if span is None and expected_size is None:
-        expected_size = _remote_size(url)
+        expected_size = reported_size(url)
     outcome: dict = {}
     pending, count, seen = None, 0, set()
     for sample in _shard_members(url, _tar_handler(skips), _member_key(skips, url), digest, span, expected_size,
@@ -350,21 +339,17 @@ class ImageTextStream(PartStream):
         urls = expand_shards(shards)
         super().__init__(urls, seed, shuffle_buffer, resampled=resampled, samples_per_epoch=samples_per_epoch,
                          weights=shard_weights(shards))
-        self.shard_features, self.shard_index = shard_features, shard_index
+        self.shard_features = shard_features
         self.captions = captions
         self.preprocess = preprocess
         self.languages = list(languages)
-        self._indexes: dict = {}
+        self._indexes = ShardMemo(shard_index, keep=4) if shard_index is not None else None
 
     def _spans(self, url: str) -> Optional[list]:
         """The shard's index, when it has one that can be read by byte ranges."""
-        if self.shard_index is None or not seekable(url):
+        if self._indexes is None or not seekable(url):
             return None
-        if url not in self._indexes:
-            if len(self._indexes) >= 4:
-                self._indexes.pop(next(iter(self._indexes)))
-            self._indexes[url] = self.shard_index(url)
-        return self._indexes[url]
+        return self._indexes(url)
 
     def index_size(self, url: str) -> Optional[int]:
         spans = self._spans(url)

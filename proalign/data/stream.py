@@ -54,6 +54,21 @@ def _seed(*parts) -> random.Random:
     return random.Random("-".join(str(p) for p in parts))
 
 
+class ShardMemo:
+    """What a stream derives from a shard (its index, its cached rows), kept for the last `keep`
+    shards: a part re-reads its shard's on resume and across parts, never more than `keep` held."""
+
+    def __init__(self, make: Callable[[str], object], keep: int):
+        self.make, self.keep, self.held = make, keep, {}
+
+    def __call__(self, url: str):
+        if url not in self.held:
+            if len(self.held) >= self.keep:
+                self.held.pop(next(iter(self.held)))
+            self.held[url] = self.make(url)
+        return self.held[url]
+
+
 def plan_epoch(urls: Sequence[str], seed: int, epoch: int, reader: int, readers: int,
                index_size: Callable[[str], Optional[int]]) -> list[Part]:
     """This reader's parts of epoch `epoch` (shards shuffled with seed (seed, epoch); see the

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import torch
 
 from ..errors import ProalignError
-from ..search import ImageIndex, display_path, index_folder, search
+from ..search import Hit, ImageIndex, display_path, index_folder, search, top_hits
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -106,10 +106,9 @@ class SearchService:
             return self.model.encode_text_clip(texts).float().cpu()
         return self.model.encode_text(texts).float().cpu()
 
-    def _hits(self, scores: torch.Tensor, k: int) -> list[dict]:
-        best = scores.topk(min(k, len(self.index.paths)))
-        return [{"path": display_path(self.index.paths[i]), "url": self.image_url(self.index.paths[i]),
-                 "score": round(float(s), 6)} for s, i in zip(best.values.tolist(), best.indices.tolist())]
+    def _shown(self, hits: list[Hit]) -> list[dict]:
+        return [{"path": display_path(h.path), "url": self.image_url(h.path), "score": round(h.score, 6)}
+                for h in hits]
 
     def image_url(self, path: str) -> str:
         return "/images/" + quote(Path(path).as_posix().encode("utf-8", "surrogateescape"))
@@ -121,12 +120,9 @@ class SearchService:
 
     def _text_hits(self, query: str, top_k: int, tower: str) -> list[dict]:
         if tower == "llm":  # the very function `proalign search` uses, so the two always agree
-            hits = search(self.model, self.index, [query], top_k)[0]
-            found = [{"path": display_path(h.path), "url": self.image_url(h.path), "score": round(h.score, 6)}
-                     for h in hits]
-        else:
-            found = self._hits((self.encode_texts([query], tower) @ self.index.embeddings.T)[0], top_k)
-        return found
+            return self._shown(search(self.model, self.index, [query], top_k)[0])
+        scores = (self.encode_texts([query], tower) @ self.index.embeddings.T)[0]
+        return self._shown(top_hits(self.index, scores, top_k))
 
     def image_search(self, data: bytes, k: str, tower: str, labels: str) -> dict:
         from ..data.images import open_rgb
@@ -143,7 +139,7 @@ class SearchService:
 
     def _image_hits(self, tensor: torch.Tensor, top_k: int, tower: str, wanted: list[str]) -> dict:
         feature = self.model.encode_image(tensor).float().cpu()
-        result = {"neighbours": self._hits(self.index.embeddings @ feature, top_k), "labels": []}
+        result = {"neighbours": self._shown(top_hits(self.index, self.index.embeddings @ feature, top_k)), "labels": []}
         if wanted:
             text = self.encode_texts(wanted, tower)
             cosine = text @ feature
