@@ -222,6 +222,59 @@ def style_samples(size: int, test_fraction: float, seed: int, cache: Path) -> di
     return out
 
 
+# The long multilingual captions: per image and language L, the concept's CLDR keywords in other
+# languages (LONG_GLOSS_KEYWORDS each, starting after L in LANGUAGES and leaving out English) until
+# the gloss has LONG_GLOSS_CHARS characters, then its keywords and name in L. Every part names this
+# concept, so no two images share a stretch of caption, and the name sits past a 77-token text
+# tower's cut.
+LONG_GLOSS_CHARS = 400
+LONG_GLOSS_KEYWORDS = 4
+LONG_TEST_IMAGES = 400
+# Six scripts; the long captions are the costliest text of the demo to encode.
+LONG_LANGUAGES = ["en", "de", "zh", "ar", "hi", "sw"]
+
+
+def long_gloss(cp: str, lang: str, annotations: dict) -> str | None:
+    names, keywords = annotations[lang]
+    if cp not in names:
+        return None
+    others = [x for x in LANGUAGES[LANGUAGES.index(lang) + 1:] + LANGUAGES[:LANGUAGES.index(lang)] if x != "en"]
+    parts = []
+    for other in others:
+        words = [k for k in annotations[other][1].get(cp, []) if k != annotations[other][0].get(cp)]
+        if words:
+            parts.append(", ".join(words[:LONG_GLOSS_KEYWORDS]))
+        if len("; ".join(parts)) >= LONG_GLOSS_CHARS:
+            break
+    own = [k for k in keywords.get(cp, []) if k != names[cp]][:LONG_GLOSS_KEYWORDS]
+    if len("; ".join(parts)) < LONG_GLOSS_CHARS:  # too few keywords in CLDR for a long caption
+        return None
+    return "; ".join(parts + ([", ".join(own)] if own else [])) + f" — {names[cp]}"
+
+
+def long_samples(source: Path, seed: int) -> list[dict]:
+    """`styles-long-test`: LONG_TEST_IMAGES images of styles-test-language (the Noto drawings of the
+    training concepts), each captioned by its long multilingual gloss in LONG_LANGUAGES."""
+    annotations = {lang: cldr_annotations(lang) for lang in LANGUAGES}
+    samples = []
+    for shard in sorted(source.glob("styles-test-language-*.tar")):
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict] = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for key, parts in sorted(members.items()):
+            meta = json.loads(parts["json"])
+            cp = "".join(chr(int(x, 16)) for x in meta["label"].split("-")).replace("\ufe0f", "")
+            captions = {lang: [g] for lang in LONG_LANGUAGES if (g := long_gloss(cp, lang, annotations))}
+            if len(captions) == len(LONG_LANGUAGES):
+                # own keys: a caption id (key|language|index) names one text across all eval shards
+                samples.append({"key": f"long_{key}", "image": parts["jpg"],  # the same JPEG bytes
+                                "meta": {"captions": captions, "label": meta["label"], "style": meta["style"]}})
+    random.Random(seed).shuffle(samples)
+    return sorted(samples[:LONG_TEST_IMAGES], key=lambda s: s["key"])
+
+
 def _svg_record(path: Path):
     try:
         meta = ET.parse(path).getroot().find(".//{http://web.resource.org/cc/}Work")
@@ -282,7 +335,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--clipart-limit", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart", "styles"], default=["emoji", "clipart", "styles"])
+    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart", "styles", "long"], default=["emoji", "clipart", "styles"])
     ap.add_argument("--npm-cache", default=str(Path.home() / ".cache" / "proalign" / "npm"),
                     help="where `npm pack` puts the artwork packages")
     args = ap.parse_args()
@@ -301,6 +354,8 @@ def main() -> None:
     if "styles" in args.parts:
         for split, samples in style_samples(args.size, 0.2, args.seed, Path(args.npm_cache)).items():
             sizes.update(write_shards(samples, str(out / f"styles-{split}-%03d.tar"), 1000))
+    if "long" in args.parts:  # from the styles shards already in --out
+        sizes.update(write_shards(long_samples(out, args.seed), str(out / "styles-long-test-%03d.tar"), 1000))
     sizes_path.write_text(json.dumps(sizes, indent=1) + "\n")
     print(json.dumps(sizes, indent=1))
 

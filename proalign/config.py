@@ -329,6 +329,9 @@ class Stage2Config:
     reduction: Literal["sum", "mean"] = "sum"
     # Of the self-distillation term (as stage1.scope); InfoNCE always spans the global batch.
     scope: Literal["global", "local"] = "global"
+    # The paper trains the image tower and the adapter; false keeps the stage-1 adapter (the LLM
+    # text space every language shares) and moves only the image tower into it.
+    train_adapter: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def check(self, c: Checks) -> None:

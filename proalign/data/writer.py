@@ -10,7 +10,9 @@ from typing import Iterable
 from PIL import Image
 
 
-def _encode_image(image: Image.Image, fmt: str = "jpg", quality: int = 80) -> bytes:
+def _encode_image(image: Image.Image | bytes, fmt: str = "jpg", quality: int = 80) -> bytes:
+    if isinstance(image, bytes):  # already encoded (a JPEG copied from another shard): kept as it is
+        return image
     buf = io.BytesIO()
     if image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")

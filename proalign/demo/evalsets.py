@@ -1,5 +1,5 @@
-"""The demo's evaluation sets: the benchmark's splits decoded once, plus the long-caption test
-(a fixed English preamble longer than the teacher's 77 tokens, then the concept's names)."""
+"""The demo's evaluation sets: the benchmark's splits, decoded once (the long-caption split among
+them)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,42 +18,21 @@ def dataset_name(shard: str) -> str:
     return Path(shard).name.rsplit("-", 1)[0]
 
 
-LONG = "long"
-# The long caption: a preamble the same for every image, longer than the teacher's 77 tokens, then
-# the concept's names in the eval languages (English last). Whatever the text tower keeps after its
-# cut is the preamble alone; the discriminating names sit after it.
-LONG_PREAMBLE = (
-    "This is one picture from a large collection of small square colour drawings that were made for "
-    "phones, computers and chat programs around the world. Every drawing in the collection shows one "
-    "single thing in a flat and simple style, with bold outlines, bright colours and a plain empty "
-    "background, and it is meant to be read at a glance by people in every country, whatever the "
-    "language they speak. The same idea is drawn by several artists in slightly different ways. The "
-    "thing shown in this particular picture is called, in several languages:")
-SEPARATOR = " / "
-# Images in the long-caption test (each caption runs through the embedder live, per model).
-LONG_CAPTION_IMAGES = 400
+# The long-caption split (data_shards/README.md): each image's long multilingual gloss ends with the
+# concept's name after NAME_SEPARATOR, past the teacher's 77-token cut.
+LONG_SPLIT = "styles-long-test"
+NAME_SEPARATOR = " — "
 
 
-def long_caption_metas(metas: dict, languages: Optional[Sequence[str]] = None) -> dict:
-    """Each sample's caption: the preamble, then its names in `languages` (all: None), English last."""
-    out = {}
-    for key, meta in metas.items():
-        caps = meta["captions"]
-        names = [caps[lang][0] for lang in sorted(caps)
-                 if lang != "en" and caps[lang] and (languages is None or lang in languages)]
-        if caps.get("en"):
-            out[key] = {"captions": {LONG: [f"{LONG_PREAMBLE} {SEPARATOR.join(names + [caps['en'][0]])}."]}}
-    return out
-
-
-def names_past_the_cut(tokenizer, context: int) -> bool:
-    """The teacher's tokenizer reaches the first name only after `context` tokens (its start and
-    end tokens included): what the 77-token tower keeps of a long caption is the preamble alone."""
-    return count_truncated(tokenizer, [LONG_PREAMBLE], context - 1) == 1  # the preamble alone fills the context
+def names_past_the_cut(tokenizer, context: int, captions: Sequence[str]) -> int:
+    """How many `captions` reach their name (after the last NAME_SEPARATOR) only past `context`
+    tokens (start and end tokens included): a tower cut there never reads the name."""
+    heads = [c.rsplit(NAME_SEPARATOR, 1)[0] for c in captions if NAME_SEPARATOR in c]
+    return count_truncated(tokenizer, heads, context - 1) if heads else 0
 
 
 class DemoEvaluation:
-    """The demo's eval sets, decoded once (plus the long-caption set), and the rows of every model."""
+    """The demo's eval sets, decoded once, and the rows of every model."""
 
     def __init__(self, cfg: RunConfig, model: ProCLIP, llm_features: CachedTextFeatures, languages,
                  progress: bool = False, clip_features: Optional[CachedTextFeatures] = None):
@@ -65,16 +44,10 @@ class DemoEvaluation:
                 for name, shards in groups.items()]
         self.evaluator = Evaluator(sets, progress)
         self.split_names = [s.name for s in sets]
-        language_set = next((s for s in sets if s.name.endswith("test-language")), None)
-        self.long_name, self.long_names_cut = None, False
-        if language_set:  # the long-caption test, on the known images
-            n = min(len(language_set.keys), LONG_CAPTION_IMAGES)
-            keys = language_set.keys[:n]
-            self.long_name = "long captions"
-            self.evaluator.sets[self.long_name] = EvalSet(
-                self.long_name, language_set.images[:n], keys,
-                long_caption_metas({k: language_set.metas[k] for k in keys}, languages), [LONG])
-            self.long_names_cut = names_past_the_cut(model.clip_tokenizer, context_length(model.clip))
+        long_set = next((s for s in sets if s.name == LONG_SPLIT), None)
+        # per language: (captions, how many of them name their concept only past the teacher's cut)
+        self.long_names_cut = {lang: (len(texts), names_past_the_cut(model.clip_tokenizer, context_length(model.clip), texts))
+                               for lang, texts in _texts_by_language(long_set).items()} if long_set else {}
         self.rows: list[dict] = []
 
     @property
@@ -82,11 +55,18 @@ class DemoEvaluation:
         return {name: self.evaluator.sets[name] for name in self.split_names}
 
     def run(self, label: str, with_clip_text: bool = False) -> None:
-        """Every split and the long captions with the cached LLM features (the long captions are
-        encoded once, then kept), plus the CLIP text tower when `with_clip_text`."""
+        """Every split with the cached LLM features, plus the CLIP text tower when `with_clip_text`."""
         model = self.model
         model.eval()
         towers = [clip_text_tower(model, cache=self.clip_features)] if with_clip_text else []
         towers.append(llm_text_tower(model, label, self.llm_features))
-        names = list(self.split_names) + ([self.long_name] if self.long_name else [])
-        self.rows += self.evaluator.evaluate(image_encoder(model), towers, names)
+        self.rows += self.evaluator.evaluate(image_encoder(model), towers, list(self.split_names))
+
+
+def _texts_by_language(s: EvalSet) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key in s.keys:
+        for lang, texts in s.metas[key]["captions"].items():
+            if not s.languages or lang in s.languages:
+                out.setdefault(lang, []).extend(texts)
+    return out

@@ -8,9 +8,8 @@ teacher (LiT: a small ViT learns the space of the pretrained English MiniLM-L6, 
 - test-language: the training drawings, named in 10 languages (the text side alone);
 - test-style: the training concepts drawn by Twemoji, a style never trained on;
 - test-concept: held-out concepts;
-- long captions: the test-language images captioned by a fixed English preamble longer than the
-  teacher's 77 tokens, then the concept's names: the text tower's cut leaves only the preamble,
-  the LLM reads the names.
+- styles-long-test: 400 of the test-language images, each captioned by a long multilingual gloss
+  of its concept (CLDR keywords in other languages, then the name past the teacher's 77 tokens).
 Re-running reuses the teacher, the embedding caches and the stage model files (delete one to redo it).
 """
 from __future__ import annotations
@@ -36,7 +35,7 @@ from ..stages.stage1 import run_stage1
 from ..stages.stage2 import run_stage2
 from ..stages.teacher import run_teacher
 from .claims import protocol_gap
-from .evalsets import DemoEvaluation, dataset_name
+from .evalsets import LONG_SPLIT, DemoEvaluation, dataset_name
 from .examples import search_example
 from .report import write_report
 
@@ -153,8 +152,9 @@ def run_demo(output_dir: str, config: Optional[str] = None, overrides=None, resu
         return [ids[i] for i in pick], feats[pick]
     # each eval set's cached names, split out once; test-style names the same concepts as
     # test-language, so its text measure would only repeat that one
+    # (and the long glosses are not names)
     text_sets = {name: (*subset(llm_ids, llm_feats, set(s.keys)), *subset(clip_ids, clip_feats, set(s.keys)))
-                 for name, s in sorted(evaluation.sets.items()) if not name.endswith("test-style")}
+                 for name, s in sorted(evaluation.sets.items()) if not name.endswith(("test-style", LONG_SPLIT))}
 
     def text_measure(students: dict) -> None:
         for name, (l_ids, l_feats, c_ids, c_feats) in text_sets.items():

@@ -52,6 +52,9 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     tie_buf = torch.empty(rows, cols, dtype=torch.bool)
     other_buf = torch.empty(rows, cols, dtype=torch.bool)
     image_index = torch.arange(n)
+    # each caption's top-1 image (lowest index among ties), for the share of the most-chosen image
+    top_score = torch.full((m,), float("-inf"), dtype=torch.float64)
+    top_image = torch.zeros(m, dtype=torch.long)
     for t0 in range(0, m, chunk):
         text_block = text_emb[t0:t0 + chunk].double()
         ct = text_block.shape[0]
@@ -63,6 +66,10 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
             images = image_index[None, i0:i0 + ci]
             scores, beats, tie, other = scores_buf[:ct, :ci], beats_buf[:ct, :ci], tie_buf[:ct, :ci], other_buf[:ct, :ci]
             torch.mm(text_block, image_block.T, out=scores)
+            block_top, block_arg = scores.max(1)
+            better = block_top > top_score[t0:t0 + ct] + tol
+            top_score[t0:t0 + ct] = torch.where(better, block_top, top_score[t0:t0 + ct])
+            top_image[t0:t0 + ct] = torch.where(better, block_arg + i0, top_image[t0:t0 + ct])
             torch.ne(owners, images, out=other)
             # text->image: another image outranks the caption's own if it scores higher, or ties
             # and comes first
@@ -80,6 +87,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     for k in ks:
         out[f"t2i_R@{k}"] = (t2i_rank < k).float().mean().item()
         out[f"i2t_R@{k}"] = (i2t_rank[has_caption] < k).float().mean().item()
+    # a hub: one image that is many captions' first answer (a shared caption stretch, a degenerate tower)
+    out["t2i_top1_max_share"] = torch.bincount(top_image, minlength=n).max().item() / m
     return out
 
 
@@ -96,6 +105,8 @@ def recall_uncertainty(metrics: dict[str, float], text_to_image: torch.Tensor, n
     per_image = per_image[per_image > 0].double()
     out = {}
     for key, value in metrics.items():
+        if "_R@" not in key:  # not a recall (the top-1 share)
+            continue
         direction, k = key.split("_R@")
         k = int(k)
         if direction == "t2i":

