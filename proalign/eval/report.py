@@ -289,6 +289,10 @@ def write_protocol_report(results: list[dict], out: Path, shots: Sequence[int], 
     else:
         parts += [protocol_table(results, "all"), ""]
     parts += ["![accuracy vs shots](coop_protocol.png)", ""]
+    if any("in-domain" in r["parts"] for r in results):
+        plot_protocol(results, "in-domain", out / "coop_protocol_in_domain.png", "CoOp in-domain: accuracy vs shots")
+        parts += ["## In-domain: the training shards' images of each class that were not drawn as shots", "",
+                  protocol_table(results, "in-domain"), "", "![in-domain accuracy vs shots](coop_protocol_in_domain.png)", ""]
     path = out / "coop_protocol.md"
     atomic_write_text(path, "\n".join(parts))
     print("\n".join(parts))

@@ -24,10 +24,15 @@ from .common import append_summary, stage_metadata, train_stage
 log = logging.getLogger(__name__)
 
 
+def coop_epochs(coop: CoopConfig) -> int:
+    """Epochs for this head's shot count (`epochs_by_shots`, else `epochs`)."""
+    return int(coop.epochs_by_shots.get(coop.shots, coop.epochs))
+
+
 def coop_train_config(coop: CoopConfig, n_train: int) -> TrainConfig:
     """CoOp's epoch-based schedule as training steps: SGD, cosine, `warmup_epochs` of warm-up."""
     per_epoch = max(1, -(-n_train // coop.batch_size))
-    return TrainConfig(steps=coop.epochs * per_epoch, batch_size=coop.batch_size, log_every=coop.log_every,
+    return TrainConfig(steps=coop_epochs(coop) * per_epoch, batch_size=coop.batch_size, log_every=coop.log_every,
                        checkpoint_every=per_epoch,
                        optim=OptimConfig(optimizer="sgd", lr=coop.lr, momentum=coop.momentum,
                                          weight_decay=coop.weight_decay,
@@ -108,9 +113,10 @@ def encode_images(model: ProCLIP, images: torch.Tensor, batch_size: int = 256) -
 
 
 def coop_data(cfg: RunConfig, preprocess, shots: int, seed: int):
-    """(training set with `shots` per class drawn with `seed`, evaluation set): from
-    `coop.train_data`/`coop.eval_data` (a classification format: imagefolder, coop-split), else
-    from labelled shards."""
+    """(training set with `shots` per class drawn with `seed`, evaluation set, in-domain set or
+    None): from `coop.train_data`/`coop.eval_data` (a classification format: imagefolder,
+    coop-split), else from labelled shards; the in-domain set (`coop.in_domain`) is the training
+    shards' images of the training classes that the draw left out."""
     from ..data.classification import read_labelled
     from ..data.datasets import load_classification
     c = cfg.coop
@@ -121,10 +127,13 @@ def coop_data(cfg: RunConfig, preprocess, shots: int, seed: int):
                                        max_samples=max_samples or dataset.max_samples, shots=shots_, seed=seed,
                                        **classes)
         return read_labelled(shards, preprocess, shots_, seed, max_samples=max_samples, **classes)
-    train = load(c.train_data, c.train_shards or cfg.data.train_shards, shots, None, max_classes=c.max_classes)
-    wanted = {"only_classes": set(train.classes)} if c.max_classes else {}
+    train_shards = c.train_shards or cfg.data.train_shards
+    train = load(c.train_data, train_shards, shots, None, max_classes=c.max_classes)
+    wanted = {"only_classes": set(train.classes)} if c.max_classes or c.in_domain else {}
     evaluation = load(c.eval_data, c.eval_shards or cfg.data.eval_shards, None, cfg.data.max_eval_samples, **wanted)
-    return train, evaluation
+    in_domain = read_labelled(train_shards, preprocess, shots, seed, only_classes=set(train.classes),
+                              rest=True) if c.in_domain else None
+    return train, evaluation, in_domain
 
 
 @dataclass
@@ -140,12 +149,32 @@ class HeadData:
     eval_classes: list         # the evaluation set's classes (all parts)
 
 
-def head_data(cfg: RunConfig, model: ProCLIP, classes: str = "all") -> HeadData:
-    """Load the few-shot training set and the evaluation set, split base/new if asked, and encode
-    their images once with the model's image tower."""
+class FeatureMemo:
+    """Image features by where each image came from (shard#key): the frozen image tower encodes an
+    image once for every head and seed of a protocol run."""
+
+    def __init__(self):
+        self.rows: dict[str, torch.Tensor] = {}
+        self.encoded = 0
+
+    def features(self, model: ProCLIP, data) -> torch.Tensor:
+        if not data.keys:  # a set without keys (a classification format): encoded as it is
+            return encode_images(model, data.images)
+        missing = [i for i, key in enumerate(data.keys) if key not in self.rows]
+        if missing:
+            fresh = encode_images(model, data.images[torch.tensor(missing)])
+            self.rows.update({data.keys[i]: row for i, row in zip(missing, fresh)})
+            self.encoded += len(missing)
+        return torch.stack([self.rows[key] for key in data.keys])
+
+
+def head_data(cfg: RunConfig, model: ProCLIP, classes: str = "all", memo: Optional[FeatureMemo] = None) -> HeadData:
+    """Load the few-shot training set and the evaluation set(s), split base/new if asked, and encode
+    their images with the model's image tower (once per image across heads sharing `memo`)."""
     from ..data.classification import class_halves
     c = cfg.coop
-    train_set, eval_set = coop_data(cfg, model.preprocess_eval, c.shots, cfg.seed)
+    memo = memo or FeatureMemo()
+    train_set, eval_set, in_domain = coop_data(cfg, model.preprocess_eval, c.shots, cfg.seed)
     eval_parts = {"all": eval_set}
     if classes == "base-to-new":
         base, new = class_halves(len(train_set.classes))
@@ -163,9 +192,11 @@ def head_data(cfg: RunConfig, model: ProCLIP, classes: str = "all") -> HeadData:
     if not usable.all():
         log.warning("coop: %d of %d training classes have no name in %s and are left out",
                     int((~usable).sum()), len(names), c.train_languages)
+    if in_domain is not None:
+        eval_parts["in-domain"] = in_domain.only(train_set.classes)  # base-to-new: the base classes
     keep_rows = usable[train_set.labels]
-    train_feats = encode_images(model, train_set.images[keep_rows])
-    eval_feats = {part: encode_images(model, data.images) for part, data in eval_parts.items()}
+    train_feats = memo.features(model, train_set)[keep_rows]
+    eval_feats = {part: memo.features(model, data) for part, data in eval_parts.items()}
     print(f"coop: {len(train_set.classes)} classes, {int(keep_rows.sum())} training images "
           f"(<= {c.shots} shots each); eval " + ", ".join(
               f"{part} {len(d.classes)} classes / {len(d.labels)} images" for part, d in eval_parts.items()))
@@ -174,22 +205,20 @@ def head_data(cfg: RunConfig, model: ProCLIP, classes: str = "all") -> HeadData:
 
 
 def train_head(cfg: RunConfig, model: ProCLIP, data: HeadData, resume: bool = False, progress: bool = True,
-               hooks=()) -> tuple[dict, Optional[Callable]]:
+               hooks=()) -> tuple[dict, Optional[dict]]:
     """Attach a PromptLearner to `model` and train it (CoOp's schedule); returns (last metrics,
-    the map from evaluation class index to learned-context index, for class-specific context)."""
+    the learned-context index of each class id, for class-specific context)."""
     from ..models.prompt import PromptLearner
     c, p = cfg.coop, cfg.coop.prompt
     model.prompt = PromptLearner(model.embedder, p.n_ctx, p.position, p.class_specific, data.train_set.classes,
                                  p.init_phrase)
-    class_index_of = None
+    train_index = None
     if p.class_specific:
         train_index = {cls: i for i, cls in enumerate(data.train_set.classes)}
         missing = [cls for cls in data.eval_classes if cls not in train_index]
         if missing:
             raise ValueError(f"coop.prompt.class_specific: eval class {missing[0]!r} has no learned context "
                              "(class-specific context only covers the training classes)")
-        lookup = torch.tensor([train_index[cls] for cls in data.eval_classes])
-        class_index_of = lambda index: lookup[index]  # noqa: E731
     embedder_sum = module_fingerprint(model.embedder)
     logit_scale = model.clip.logit_scale.exp().item()
     task = CoopTask(model.prompt, model.adapter, data.train_feats, data.train_labels, data.names, logit_scale,
@@ -197,20 +226,27 @@ def train_head(cfg: RunConfig, model: ProCLIP, data: HeadData, resume: bool = Fa
     last = train_stage(task, cfg, resume, progress, hooks)
     if module_fingerprint(model.embedder) != embedder_sum:
         raise RuntimeError("coop: the frozen embedder's weights changed during training")
-    return {**last, "embedder_checksum": embedder_sum}, class_index_of
+    return {**last, "embedder_checksum": embedder_sum}, train_index
 
 
-def evaluate_head(cfg: RunConfig, model: ProCLIP, data: HeadData, class_index_of=None) -> dict[str, list[dict]]:
+def evaluate_head(cfg: RunConfig, model: ProCLIP, data: HeadData, train_index: Optional[dict] = None
+                  ) -> dict[str, list[dict]]:
     """Per evaluation part, per language: top-1 with the hand-written prompt vs the learned context."""
     from ..eval.zeroshot import accuracy_handwritten_vs_learned
     model.eval()
+
+    def index_of(part_data) -> Optional[Callable]:  # a part's class index -> its learned context
+        if train_index is None:
+            return None
+        lookup = torch.tensor([train_index[cls] for cls in part_data.classes])
+        return lambda index: lookup[index]
     return {part: accuracy_handwritten_vs_learned(data.eval_feats[part], part_data, model, cfg.coop.templates,
-                                                  cfg.coop.eval_languages or None, class_index_of=class_index_of)
+                                                  cfg.coop.eval_languages or None, class_index_of=index_of(part_data))
             for part, part_data in data.eval_parts.items()}
 
 
 def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = None, progress: bool = True,
-             classes: str = "all", save_model: bool = True, hooks=()) -> dict:
+             classes: str = "all", save_model: bool = True, hooks=(), memo: Optional[FeatureMemo] = None) -> dict:
     """Few-shot CoOp head on the (stage-2) model; per-language accuracy hand-written vs learned.
     `classes="base-to-new"`: train on the base half of the training classes (CoOp's split) and
     report the evaluation set's base and new classes apart (`rows` and `rows_new`)."""
@@ -223,9 +259,9 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
                          "(new classes have no class-specific context)")
     seed_everything(cfg.seed)
     model = model or ProCLIP.from_config(cfg)
-    data = head_data(cfg, model, classes)
-    last, class_index_of = train_head(cfg, model, data, resume, progress, hooks)
-    results = evaluate_head(cfg, model, data, class_index_of)
+    data = head_data(cfg, model, classes, memo)
+    last, train_index = train_head(cfg, model, data, resume, progress, hooks)
+    results = evaluate_head(cfg, model, data, train_index)
     after = results.get("all", results.get("base"))
     out = Path(cfg.output_dir)
     if is_main():
@@ -240,6 +276,8 @@ def run_coop(cfg: RunConfig, resume: bool = False, model: Optional[ProCLIP] = No
                "classes": classes, "shots": c.shots, "seed": cfg.seed}
     if "new" in results:
         summary["rows_new"] = results["new"]
+    if "in-domain" in results:
+        summary["rows_in_domain"] = results["in-domain"]
     print(coop_table(after))
     append_summary(cfg, summary)
     return summary

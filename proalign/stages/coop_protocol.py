@@ -29,6 +29,8 @@ def _result(summary: dict) -> dict:
     parts = {"base" if summary.get("classes") == "base-to-new" else "all": summary["rows"]}
     if "rows_new" in summary:
         parts["new"] = summary["rows_new"]
+    if "rows_in_domain" in summary:
+        parts["in-domain"] = summary["rows_in_domain"]
     return {"shots": summary["shots"], "seed": summary["seed"], "classes": summary.get("classes", "all"),
             "parts": {part: [{k: r[k] for k in ("language", "classes", "images", HANDWRITTEN, LEARNED) if k in r}
                              for r in rows] for part, rows in parts.items()}}
@@ -40,7 +42,7 @@ def run_protocol(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int], bas
     coop_protocol.md, coop_protocol.png and coop_protocol.jsonl in `cfg.output_dir`."""
     from ..models.proclip import ProCLIP
     from ..train.checkpoints import CheckpointManager
-    from .coop import CoopTask, run_coop
+    from .coop import CoopTask, FeatureMemo, run_coop
     if not cfg.init_from:
         raise ValueError("coop protocol: set init_from (the stage-2 model the heads start from)")
     shots, seeds = sorted(set(shots)), list(dict.fromkeys(seeds))
@@ -49,6 +51,7 @@ def run_protocol(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int], bas
     out = Path(cfg.output_dir)
     classes = "base-to-new" if base_to_new else "all"
     model: Optional[ProCLIP] = None
+    memo = FeatureMemo()  # the image tower is frozen: each image is encoded once for every head
     results = []
     for k in shots:
         for seed in seeds:
@@ -72,11 +75,12 @@ def run_protocol(cfg: RunConfig, shots: Sequence[int], seeds: Sequence[int], bas
             # the engine checkpoints under <run>/<task name>/checkpoints
             resume = CheckpointManager(folder / CoopTask.name).latest() is not None
             summary = run_coop(sub, resume=resume, model=model, progress=progress, classes=classes,
-                               save_model=False)
+                               save_model=False, memo=memo)
             result = _result(summary)
             if is_main():
                 atomic_write_text(done, json.dumps(result, ensure_ascii=False, indent=1) + "\n")
             results.append(result)
+    log.info("coop protocol: %d images encoded once for %d heads", memo.encoded, len(shots) * len(seeds))
     if is_main():
         write_protocol_report(results, out, shots, seeds, base_to_new)
     return results
