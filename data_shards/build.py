@@ -252,18 +252,23 @@ def long_gloss(cp: str, lang: str, annotations: dict) -> str | None:
     return "; ".join(parts + ([", ".join(own)] if own else [])) + f" — {names[cp]}"
 
 
+def shard_members(shard: Path) -> dict[str, dict[str, bytes]]:
+    """A committed shard's samples: key -> {extension: bytes}."""
+    members: dict[str, dict] = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return members
+
+
 def long_samples(source: Path, seed: int) -> list[dict]:
     """`styles-long-test`: LONG_TEST_IMAGES images of styles-test-language (the Noto drawings of the
     training concepts), each captioned by its long multilingual gloss in LONG_LANGUAGES."""
     annotations = {lang: cldr_annotations(lang) for lang in LANGUAGES}
     samples = []
     for shard in sorted(source.glob("styles-test-language-*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key, parts in sorted(members.items()):
+        for key, parts in sorted(shard_members(shard).items()):
             meta = json.loads(parts["json"])
             cp = "".join(chr(int(x, 16)) for x in meta["label"].split("-")).replace("\ufe0f", "")
             captions = {lang: [g] for lang in LONG_LANGUAGES if (g := long_gloss(cp, lang, annotations))}
@@ -285,12 +290,7 @@ def tone_samples(source: Path, size: int) -> list[dict]:
     english = annotations["en"][0]
     defaults: dict[str, list[tuple[str, bytes, str]]] = {}
     for shard in sorted(source.glob("styles-train-*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key, parts in members.items():
+        for key, parts in shard_members(shard).items():
             meta = json.loads(parts["json"])
             defaults.setdefault(meta["label"], []).append((key, parts["jpg"], meta["style"]))
     labels = set(defaults)
